@@ -1,0 +1,3 @@
+from lightning_transfer.cli import main
+
+main()

@@ -1,0 +1,181 @@
+"""The Backbone contract: a pretrained network seen as ``embed -> blocks -> finalize -> pool``.
+
+Strategies never fork a model file; they compose these four pieces (VQT runs extra query tokens through each
+block, SHERL reads ``hidden_states`` and re-runs the last blocks, LinearProbe calls ``forward``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from lightning_transfer._config import RecordsInitArgs
+from lightning_transfer.outputs import BackboneOutput
+
+
+class Backbone(nn.Module, RecordsInitArgs):
+    """Base class for every backbone: tokens (or feature maps), blocks and metadata.
+
+    Subclasses set ``embed_dim``, ``num_features``, ``num_prefix_tokens`` and ``name`` in ``__init__`` and implement
+    :meth:`embed`, :attr:`blocks`, :meth:`finalize` and :meth:`pool`.
+    """
+
+    #: True when ``embed`` returns (B, N, D) tokens that blocks read (ViT, CLIP, BERT); False for CNN stages.
+    has_tokens: ClassVar[bool] = True
+    #: Parameter-name prefixes that belong after the last block (final norm, pooling norm).
+    final_prefixes: ClassVar[tuple[str, ...]] = ()
+
+    name: str = "backbone"
+    embed_dim: int = 0
+    num_features: int = 0
+    num_prefix_tokens: int = 0
+
+    # ---- the token contract -------------------------------------------------------------------------------
+    def embed(self, x: Tensor) -> Tensor:
+        """Input -> tokens (B, N, D): patch/token embedding, prefix tokens, positions, pre-norm."""
+        raise NotImplementedError
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        """The wrapped library's own block modules, in order (stages for CNNs)."""
+        raise NotImplementedError
+
+    def run_block(self, index: int, tokens: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        """Run block ``index`` on ``tokens``; ``attn_mask`` is passed to blocks that accept one."""
+        if attn_mask is not None:
+            raise ValueError(f"{type(self).__name__} blocks do not take an attention mask")
+        return self.blocks[index](tokens)
+
+    def finalize(self, tokens: Tensor) -> Tensor:
+        """Final norm after the last block (identity where the model has none)."""
+        return tokens
+
+    def pool(self, tokens: Tensor) -> Tensor:
+        """Finalized tokens -> (B, num_features)."""
+        raise NotImplementedError
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    def forward_tokens(self, x: Tensor, return_hidden_states: bool = False) -> BackboneOutput:
+        tokens = self.embed(x)
+        hidden: list[Tensor] = [tokens]
+        for i in range(self.depth):
+            tokens = self.run_block(i, tokens)
+            if return_hidden_states:
+                hidden.append(tokens)
+        tokens = self.finalize(tokens)
+        return BackboneOutput(self.pool(tokens), tokens, tuple(hidden) if return_hidden_states else None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> pooled features (B, num_features)."""
+        return self.forward_tokens(x).pooled
+
+    # ---- metadata -----------------------------------------------------------------------------------------
+    @property
+    def lora_target_modules(self) -> list[str]:
+        """Default module-name suffixes for LoRA (every one resolves to an ``nn.Linear``)."""
+        return []
+
+    def data_config(self) -> dict[str, Any]:
+        """``input_size`` (C, H, W), ``mean``, ``std``, ``interpolation``, ``crop_pct``: what transforms need."""
+        raise NotImplementedError
+
+    def layer_ids(self) -> dict[str, int]:
+        """Parameter name -> layer index: 0 = embedding, i + 1 = block i, depth + 1 = after the blocks.
+
+        Used by layer-wise learning-rate decay and by PartialFreeze.
+        """
+        block_of: dict[int, int] = {}
+        for i, block in enumerate(self.blocks):
+            for p in block.parameters():
+                block_of[id(p)] = i + 1
+        ids = {}
+        for name, p in self.named_parameters():
+            if id(p) in block_of:
+                ids[name] = block_of[id(p)]
+            elif any(name.startswith(prefix) for prefix in self.final_prefixes):
+                ids[name] = self.depth + 1
+            else:
+                ids[name] = 0
+        return ids
+
+    def identity(self) -> str:
+        """A human-readable name of the weights this backbone was built from."""
+        return self.name
+
+    def export_state_dict(self) -> dict[str, Tensor]:
+        """The weights in the layout ``checkpoint_path`` accepts."""
+        return self.state_dict()
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Load a weights file safely: safetensors, or a torch file with ``weights_only=True`` (never unpickles code).
+
+    Nested ``{"state_dict": ...}`` / ``{"model": ...}`` containers and a DataParallel ``module.`` prefix are unwrapped.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint_path {str(path)!r} does not exist: pass the path of a weights file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state: Any = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # pickled code, a truncated file, not a torch file at all
+            raise ValueError(
+                f"cannot read {str(path)!r} as weights with torch.load(weights_only=True): {err}. Only tensors are "
+                "loaded (never pickled code); convert the file to safetensors or a plain state dict"
+            ) from err
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{str(path)!r} does not hold a state dict of tensors")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def load_into(module: nn.Module, state: dict[str, Tensor], source: str, ignore_prefixes: Sequence[str] = ()) -> None:
+    """Strictly load ``state`` into ``module``; the error names missing, unexpected and mis-shaped keys."""
+    state = {k: v for k, v in state.items() if not any(k.startswith(p) for p in ignore_prefixes)}
+    own = module.state_dict()
+    missing = [k for k in own if k not in state and not any(k.startswith(p) for p in ignore_prefixes)]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        def _few(items: list[str]) -> str:
+            return ", ".join(items[:8]) + (f" ... (+{len(items) - 8} more)" if len(items) > 8 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_few(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches: {_few(shapes)}")
+        raise ValueError(
+            f"checkpoint {source!r} does not match {type(module).__name__}: " + "; ".join(parts)
+            + ". Check that model_name / model_kwargs match the architecture the file was saved from"
+        )
+    module.load_state_dict(state, strict=False)
+
+
+def tensors_digest(tensors: dict[str, Tensor]) -> str:
+    """sha256 over names, shapes, dtypes and bytes of ``tensors`` (sorted by name)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

@@ -1,0 +1,121 @@
+"""The command line: ``python -m lightning_transfer {fit,validate,test,predict,list,export}``.
+
+fit/validate/test/predict go through :class:`TransferCLI`, a LightningCLI in omegaconf mode: several ``--config``
+files compose, components are chosen by ``class_path`` (short class names work: ``--model.adaptation=LoRA``), and
+``data.num_classes`` / ``data.class_names`` are linked into the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+
+import lightning_transfer  # noqa: F401  (fills the registries)
+from lightning_transfer.callbacks.efficiency import EfficiencyMonitor
+from lightning_transfer.datamodules.base import TransferDataModule
+from lightning_transfer.loggers import default_wandb_mode
+from lightning_transfer.module import TransferModule
+from lightning_transfer.registry import BACKBONES, DATAMODULES, STRATEGIES, TEST_TIME, first_doc_line
+
+
+class LoggedConfigCallback(SaveConfigCallback):
+    """Save the resolved config next to the run (never over an existing file) and log it to every logger."""
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        config = self.parser.dump(self.config, skip_none=False, format="yaml")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.config.update({"config": self.parser.dump(self.config, skip_none=False,
+                                                                          format="json_indented")},
+                                                allow_val_change=True)
+                flat = json.loads(self.parser.dump(self.config, skip_none=False, format="json"))
+                logger.experiment.config.update(_flatten(flat), allow_val_change=True)
+                run_dir = Path(logger.experiment.dir)
+            else:
+                logger.log_hyperparams({"config": config})
+                run_dir = Path(trainer.log_dir or ".")
+            path = run_dir / "config.yaml"
+            if path.exists():
+                raise RuntimeError(f"{path} exists already; refusing to overwrite a previous run's config")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(config)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}." if prefix or k else ""))
+        return out if out or not prefix else {prefix.rstrip("."): None}
+    return {prefix.rstrip("."): tree}
+
+
+class TransferCLI(LightningCLI):
+    """LightningCLI for :class:`TransferModule` and any :class:`TransferDataModule`."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("save_config_callback", LoggedConfigCallback)
+        kwargs.setdefault("save_config_kwargs", {"save_to_log_dir": False})
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"})
+        super().__init__(TransferModule, TransferDataModule, subclass_mode_data=True, args=args, run=run, **kwargs)
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+        parser.add_lightning_class_args(EfficiencyMonitor, "efficiency")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.model.get("test_time") is not None and config.trainer.get("inference_mode", True):
+            # test-time methods take gradient steps inside trainer.test
+            config.trainer.inference_mode = False
+
+
+def list_components() -> str:
+    lines = []
+    for title, registry in (("backbones", BACKBONES), ("adaptation strategies (model.adaptation)", STRATEGIES),
+                            ("test-time methods (model.test_time)", TEST_TIME), ("datamodules (data)", DATAMODULES)):
+        lines.append(f"{title}:")
+        width = max((len(n) for n in registry.names()), default=0)
+        for name, cls in registry.items():
+            lines.append(f"  {name:<{width}}  {cls.__name__:<18} {first_doc_line(cls)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _export(argv: list[str]) -> None:
+    from lightning_transfer.export import export_checkpoint
+
+    parser = argparse.ArgumentParser(prog="python -m lightning_transfer export",
+                                     description="Export a trained checkpoint for inference or reuse.")
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by fit")
+    parser.add_argument("--format", default="merged", choices=["merged"],
+                        help="merged: the backbone's weights with the adaptation folded in (+ head)")
+    parser.add_argument("--output", required=True, help="output directory (must not exist or be empty)")
+    args = parser.parse_args(argv)
+    written = export_checkpoint(args.ckpt_path, args.format, args.output)
+    for path in written:
+        print(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "list":
+        print(list_components())
+        return
+    if argv and argv[0] == "export":
+        _export(argv[1:])
+        return
+    default_wandb_mode()
+    TransferCLI(args=argv)
+
+
+if __name__ == "__main__":
+    main()

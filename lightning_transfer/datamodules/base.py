@@ -1,0 +1,160 @@
+"""TransferDataModule: the common surface of every dataset (classes, transforms from the backbone, K-shot splits)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+
+def default_data_dir() -> str:
+    return os.environ.get("LT_DATA_DIR", str(Path("~/.cache/lightning_transfer").expanduser()))
+
+
+def fewshot_indices(labels: Sequence[int], num_shots: int, seed: int, exclude: Sequence[int] = ()) -> list[int]:
+    """``num_shots`` indices per class drawn without replacement with ``seed`` (all of a class if it has fewer).
+
+    Same labels and seed -> same indices, on every platform (numpy's PCG64 stream is stable).
+    """
+    if num_shots < 1:
+        raise ValueError(f"num_shots must be >= 1, got {num_shots}")
+    labels = np.asarray(labels)
+    excluded = set(int(i) for i in exclude)
+    rng = np.random.default_rng(seed)
+    chosen: list[int] = []
+    for c in np.unique(labels):
+        pool = np.array([i for i in np.flatnonzero(labels == c) if int(i) not in excluded], dtype=np.int64)
+        take = min(num_shots, len(pool))
+        chosen.extend(int(i) for i in rng.choice(pool, size=take, replace=False))
+    return sorted(chosen)
+
+
+def stratified_split(labels: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split indices into (rest, held_out) with ``fraction`` of every class held out."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    held: list[int] = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        n = int(round(len(idx) * fraction))
+        held.extend(int(i) for i in rng.choice(idx, size=n, replace=False))
+    held_set = set(held)
+    return [i for i in range(len(labels)) if i not in held_set], sorted(held)
+
+
+def split_digest(splits: dict[str, Sequence[Any]]) -> str:
+    """A short hash of split membership, logged so two runs can prove they used the same data."""
+    payload = json.dumps({k: [str(x) for x in v] for k, v in sorted(splits.items())}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def cached_split(path: Path, make: Any) -> dict[str, list]:
+    """Read the split lists at ``path``; create them with ``make()`` and write them the first time."""
+    if path.is_file():
+        with open(path) as f:
+            return json.load(f)
+    splits = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(splits, f)
+    os.replace(tmp, path)  # atomic: a concurrent run never reads a half-written file
+    return splits
+
+
+class TransferDataModule(LightningDataModule):
+    """Base class of the datamodules.
+
+    Args:
+        data_dir: where the data (and cached split lists) live; default ``$LT_DATA_DIR`` or
+            ``~/.cache/lightning_transfer``.
+        batch_size: batch size of every loader.
+        num_workers: DataLoader workers.
+        num_shots: K-shot training set (K images per class, drawn with ``seed``); ``None`` uses all training data.
+        seed: seed of the K-shot draw.
+        data_config: preprocessing config (``input_size``, ``mean``, ``std``, ...); by default taken from the
+            model's backbone when the Trainer starts.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        num_shots: int | None = None,
+        seed: int = 1,
+        data_config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.data_dir = Path(data_dir or default_data_dir()).expanduser()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.num_shots = num_shots
+        self.seed = seed
+        self._data_config = dict(data_config) if data_config else None
+        self.datasets: dict[str, Dataset] = {}
+        self.splits: dict[str, list] = {}
+
+    # ---- what the model needs -----------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def class_names(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def task(self) -> str:
+        return "multiclass"
+
+    def set_data_config(self, config: dict[str, Any]) -> None:
+        self._data_config = dict(config)
+
+    def data_config(self) -> dict[str, Any]:
+        if self._data_config is None:
+            module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+            backbone = getattr(module, "backbone", None)
+            if backbone is None:
+                raise RuntimeError(
+                    f"{type(self).__name__} has no data_config: pass data_config=..., call set_data_config(), "
+                    "or use it with a Trainer and a TransferModule (the backbone provides it)"
+                )
+            self._data_config = backbone.data_config()
+        return self._data_config
+
+    # ---- loaders ------------------------------------------------------------------------------------------
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            raise RuntimeError(f"{type(self).__name__} has no {split!r} split (call setup first)")
+        return DataLoader(
+            self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def log_split_digest(self) -> None:
+        """Log the hash of the split membership to the Trainer's loggers."""
+        if self.trainer is None or not self.splits:
+            return
+        info = {"data/split_digest": split_digest(self.splits), "data/name": type(self).__name__}
+        for logger in self.trainer.loggers:
+            logger.log_hyperparams(info)

@@ -1,0 +1,42 @@
+"""Export a trained checkpoint: the backbone's weights with the adaptation folded in, plus the head."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from lightning_transfer.module import TransferModule
+
+
+def load_module(ckpt_path: str) -> TransferModule:
+    """Rebuild a TransferModule from a checkpoint's hyperparameters and load its weights (weights_only)."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt_path!r} does not exist")
+    return TransferModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=True)
+
+
+def export_checkpoint(ckpt_path: str, fmt: str, output: str) -> list[Path]:
+    """Write ``backbone.safetensors`` (loadable as ``checkpoint_path``), ``head.safetensors`` and ``export.json``."""
+    out = Path(output)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"output directory {output!r} is not empty; choose a new one (nothing is overwritten)")
+    if fmt != "merged":
+        raise ValueError(f"unknown export format {fmt!r}; available: merged")
+    module = load_module(ckpt_path)
+    backbone_state = module.adaptation.merged_backbone_state(module.backbone) if hasattr(
+        module.adaptation, "merged_backbone_state") else module.backbone.export_state_dict()
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "backbone.safetensors"]
+    save_file({k: v.detach().cpu().contiguous() for k, v in backbone_state.items()}, str(written[0]))
+    if module.head is not None:
+        written.append(out / "head.safetensors")
+        save_file({k: v.detach().cpu().contiguous() for k, v in module.head.state_dict().items()}, str(written[1]))
+    meta = {"format": fmt, "source_checkpoint": str(ckpt_path), "backbone": module.backbone.init_config(),
+            "adaptation": module.adaptation.init_config(), "num_classes": module.num_classes,
+            "class_names": module.class_names}
+    written.append(out / "export.json")
+    written[-1].write_text(json.dumps(meta, indent=2))
+    return written

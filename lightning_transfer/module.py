@@ -1,0 +1,259 @@
+"""TransferModule: backbone + adaptation strategy + head (+ test-time method), with no method-specific code."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+
+from lightning_transfer.backbones.base import Backbone, tensors_digest
+from lightning_transfer.heads import LinearHead
+from lightning_transfer.strategies.base import AdaptationStrategy
+from lightning_transfer.test_time.base import TestTimeAdaptation
+
+CHECKPOINT_KEY = "lightning_transfer"
+_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
+
+
+def _metrics(num_classes: int, ece_bins: int, prefix: str) -> MetricCollection:
+    metrics: dict[str, Any] = {
+        "acc": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+        "ece": MulticlassCalibrationError(num_classes, n_bins=ece_bins),
+    }
+    if num_classes >= 5:
+        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    return MetricCollection(metrics, prefix=prefix)
+
+
+class TransferModule(LightningModule):
+    """Adapt a pretrained backbone to a classification task with a pluggable adaptation strategy.
+
+    Args:
+        backbone: the pretrained network (``class_path: TimmBackbone`` ...).
+        adaptation: how it is adapted (``FullFinetune``, ``LinearProbe``, ``LoRA``, ...); default LinearProbe.
+        num_classes: number of classes (linked from ``data.num_classes`` by the CLI).
+        class_names: class names (linked from ``data.class_names``; used by CLIP-style strategies).
+        test_time: optional test-time adaptation method used by ``test`` (``BNAdapt``, ``Tent``, ``CAFA``).
+        head_dropout: dropout before the linear head.
+        optimizer: optimizer factory; it receives the strategy's parameter groups.
+        lr_scheduler: optional scheduler factory.
+        lr_scheduler_interval: step the scheduler every ``epoch`` or every ``step``.
+        ece_bins: number of bins of the expected calibration error.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        adaptation: AdaptationStrategy | None = None,
+        num_classes: int = 0,
+        class_names: list[str] | None = None,
+        test_time: TestTimeAdaptation | None = None,
+        head_dropout: float = 0.0,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
+        ece_bins: int = 15,
+    ) -> None:
+        super().__init__()
+        if adaptation is None:
+            from lightning_transfer.strategies.linear_probe import LinearProbe
+
+            adaptation = LinearProbe()
+        if class_names is not None and num_classes and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class_names given for num_classes={num_classes}; they must agree")
+        self._save_hparams(backbone, adaptation, num_classes, class_names, test_time, head_dropout,
+                           lr_scheduler_interval, ece_bins)
+        self.num_classes = num_classes
+        self.class_names = class_names
+        self.backbone = backbone
+        self.adaptation = adaptation
+        in_features = adaptation.head_in_features(backbone)
+        self.head: nn.Module | None = (
+            LinearHead(in_features, num_classes, head_dropout) if in_features is not None else None
+        )
+        adaptation.attach(backbone, self.head)
+        self.test_time = test_time
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.lr_scheduler_interval = lr_scheduler_interval
+        self.train_metrics = _metrics(num_classes, ece_bins, "train/")
+        self.val_metrics = _metrics(num_classes, ece_bins, "val/")
+        self.test_metrics = _metrics(num_classes, ece_bins, "test/")
+        # backbone buffers as loaded, to tell which ones training changed (BN statistics) when saving
+        self.__dict__["_initial_buffers"] = {k: v.detach().clone() for k, v in backbone.named_buffers()}
+        self.__dict__["_digest_cache"] = None
+        self._test_time_prepared = False
+
+    def _save_hparams(self, backbone: Backbone, adaptation: AdaptationStrategy, num_classes: int,
+                      class_names: list[str] | None, test_time: TestTimeAdaptation | None, head_dropout: float,
+                      lr_scheduler_interval: str, ece_bins: int) -> None:
+        if _given_hyperparameters.get() is not None:  # built by LightningCLI: it records the config itself
+            self.save_hyperparameters()
+            return
+        # built in Python: record the same class_path/init_args shape the CLI uses, so both reload alike
+        self.save_hyperparameters({
+            "backbone": backbone.init_config(),
+            "adaptation": adaptation.init_config(),
+            "num_classes": num_classes,
+            "class_names": class_names,
+            "test_time": test_time.init_config() if test_time is not None else None,
+            "head_dropout": head_dropout,
+            "lr_scheduler_interval": lr_scheduler_interval,
+            "ece_bins": ece_bins,
+        })
+        self.hparams["_instantiator"] = _INSTANTIATOR
+
+    # ---- running ------------------------------------------------------------------------------------------
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.adaptation(self.backbone, self.head, inputs)  # (B, num_classes)
+
+    def train(self, mode: bool = True) -> TransferModule:
+        super().train(mode)
+        self.adaptation.set_train_mode(self.backbone, self.head, mode)
+        return self
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        logits = self(batch[0])
+        loss = self.adaptation.loss(logits, batch)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch[0]))
+        self.train_metrics.update(logits.detach(), batch[1])
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
+        return loss
+
+    def _eval_step(self, batch: Any, metrics: MetricCollection, stage: str, logits: Tensor | None = None) -> Tensor:
+        if logits is None:
+            logits = self(batch[0])
+        loss = torch.nn.functional.cross_entropy(logits, batch[1])
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=len(batch[0]), sync_dist=True)
+        metrics.update(logits, batch[1])
+        self.log_dict(metrics, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._eval_step(batch, self.val_metrics, "val")
+
+    def on_test_start(self) -> None:
+        if self.test_time is not None and not self._test_time_prepared:
+            self.test_time.prepare(self, getattr(self.trainer, "datamodule", None))
+            self._test_time_prepared = True
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        if self.test_time is None:
+            return self._eval_step(batch, self.test_metrics, "test")
+        if self.test_time.needs_grad and torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                f"{type(self.test_time).__name__} takes gradient steps at test time but the Trainer runs test in "
+                "inference mode: set trainer.inference_mode=false (the CLI does this whenever model.test_time is set)"
+            )
+        with torch.enable_grad():
+            logits = self.test_time.adapt(self, batch)
+        return self._eval_step(batch, self.test_metrics, "test", logits=logits.detach())
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(inputs).softmax(-1)
+
+    # ---- optimisation -------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        groups = self.adaptation.param_groups(self.backbone, self.head)
+        if not any(p.requires_grad for g in groups for p in g["params"]):
+            raise ValueError(
+                f"{type(self.adaptation).__name__} leaves no trainable parameters, so there is nothing to fit: "
+                "run validate/test instead, or choose a strategy that trains"
+            )
+        optimizer = self.optimizer_factory(groups)
+        for group in optimizer.param_groups:  # per-group multipliers (layer-wise decay, backbone lr scale)
+            group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_scheduler_interval}}
+
+    # ---- parameters and checkpoints ----------------------------------------------------------------------
+    def parameter_counts(self) -> dict[str, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return {"trainable": trainable, "total": total}
+
+    def split_state_dict(self, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(kept, omitted): the frozen, unchanged pretrained backbone tensors are omitted from checkpoints."""
+        trainable = {f"{n}" for n, p in self.named_parameters() if p.requires_grad}
+        initial = self.__dict__["_initial_buffers"]
+        kept, omitted = {}, {}
+        for key, value in state.items():
+            sub = key[len("backbone."):] if key.startswith("backbone.") else None
+            unchanged_buffer = sub in initial and initial[sub].shape == value.shape and torch.equal(
+                initial[sub], value.detach().to(initial[sub].device))
+            frozen_param = sub is not None and key not in trainable and sub not in initial
+            if sub is not None and (frozen_param or unchanged_buffer):
+                omitted[key] = value
+            else:
+                kept[key] = value
+        return kept, omitted
+
+    def _omitted_digest(self, omitted: dict[str, Tensor]) -> str:
+        keys = tuple(sorted(omitted))
+        cache = self.__dict__["_digest_cache"]
+        if cache is None or cache[0] != keys:
+            cache = (keys, tensors_digest(omitted))
+            self.__dict__["_digest_cache"] = cache
+        return cache[1]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        kept, omitted = self.split_state_dict(checkpoint["state_dict"])
+        checkpoint["state_dict"] = kept
+        checkpoint[CHECKPOINT_KEY] = {
+            "format_version": 1,
+            "backbone": self.backbone.identity(),
+            "omitted_keys": len(omitted),
+            "omitted_digest": self._omitted_digest(omitted),
+            "num_classes": self.num_classes,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state: dict[str, Tensor] = checkpoint["state_dict"]
+        own = self.state_dict()
+        self._check_shapes(state, own)
+        meta = checkpoint.get(CHECKPOINT_KEY)
+        if meta is None:  # a full checkpoint from elsewhere: strict loading does the checking
+            return
+        omitted = {k: v for k, v in own.items() if k not in state}
+        if len(omitted) != meta["omitted_keys"]:
+            raise ValueError(
+                f"checkpoint was saved from a model whose frozen backbone had {meta['omitted_keys']} tensors, but this "
+                f"model has {len(omitted)} tensors the checkpoint does not hold: build it with the same backbone and "
+                f"model.adaptation as the run that saved it (checkpoint backbone: {meta['backbone']})"
+            )
+        if self._omitted_digest(omitted) != meta["omitted_digest"]:
+            raise ValueError(
+                f"checkpoint was trained on top of backbone {meta['backbone']}, but this model's frozen backbone "
+                f"weights ({self.backbone.identity()}) differ from those: load the same pretrained weights "
+                "(model.backbone pretrained/checkpoint_path) the run used"
+            )
+        checkpoint["state_dict"] = {**omitted, **state}
+
+    def _check_shapes(self, state: dict[str, Tensor], own: dict[str, Tensor]) -> None:
+        head_w = "head.fc.weight"
+        if head_w in state and head_w in own and state[head_w].shape[0] != own[head_w].shape[0]:
+            raise ValueError(
+                f"checkpoint head has {state[head_w].shape[0]} classes but this model has num_classes="
+                f"{self.num_classes} (from the data): test on data with the classes the model was trained on, or "
+                "train a new head"
+            )
+        unexpected = [k for k in state if k not in own]
+        bad = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+               for k in state if k in own and state[k].shape != own[k].shape]
+        if unexpected or bad:
+            raise ValueError(
+                "checkpoint does not match this model: "
+                + (f"unexpected keys {unexpected[:6]}; " if unexpected else "")
+                + (f"shape mismatches {bad[:6]}; " if bad else "")
+                + "build the model with the same backbone and model.adaptation as the run that saved it"
+            )
+

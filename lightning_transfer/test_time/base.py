@@ -1,0 +1,44 @@
+"""TestTimeAdaptation: adapt any trained model on unlabelled test batches (the ``model.test_time`` slot).
+
+Independent of the training strategy: a model trained with FullFinetune, LoRA or LinearProbe can be tested with
+any test-time method. The module calls :meth:`prepare` once before testing and :meth:`adapt` for every test batch;
+``adapt`` returns the prediction made *before* that batch's update (as Tent does).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import Tensor, nn
+
+from lightning_transfer._config import RecordsInitArgs
+
+if TYPE_CHECKING:
+    from lightning_transfer.module import TransferModule
+
+
+class TestTimeAdaptation(nn.Module, RecordsInitArgs):
+    """Base class of test-time methods.
+
+    Args:
+        episodic: restore the initial state before every batch instead of adapting online (continually).
+    """
+
+    __test__ = False  # not a pytest test class
+
+    #: the method takes gradient steps, so ``trainer.test`` must run with inference mode off
+    needs_grad: ClassVar[bool] = True
+
+    def __init__(self, episodic: bool = False) -> None:
+        super().__init__()
+        self.episodic = episodic
+
+    def prepare(self, module: TransferModule, datamodule: Any) -> None:
+        """Once, before testing: configure the model, collect statistics, save the state to reset to."""
+
+    def adapt(self, module: TransferModule, batch: Any) -> Tensor:
+        """Adapt on one unlabelled batch; return the logits predicted before the update."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Restore the state saved by :meth:`prepare` (episodic mode, or between corruption types)."""
