@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
 import lightning_transfer  # noqa: F401  (fills the registries)
@@ -22,7 +22,45 @@ from lightning_transfer.callbacks.efficiency import EfficiencyMonitor
 from lightning_transfer.datamodules.base import TransferDataModule
 from lightning_transfer.loggers import default_wandb_mode
 from lightning_transfer.module import TransferModule
-from lightning_transfer.registry import BACKBONES, DATAMODULES, STRATEGIES, TEST_TIME, first_doc_line
+from lightning_transfer.registry import BACKBONES, DATAMODULES, STRATEGIES, TEST_TIME, Registry, first_doc_line
+
+# the config keys that choose a registered component, and the registry each one draws from
+_COMPONENT_KEYS: dict[str, Registry] = {
+    "model.adaptation": STRATEGIES,
+    "model.backbone": BACKBONES,
+    "model.test_time": TEST_TIME,
+    "data": DATAMODULES,
+}
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def resolve_registry_names(argv: list[str]) -> list[str]:
+    """Let the command line name components by registry name: ``--model.adaptation=linear_probe``."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        for key, registry in _COMPONENT_KEYS.items():
+            flag = f"--{key}"
+            if arg.startswith(flag + "=") and registry.find(arg[len(flag) + 1:]) is not None:
+                out[i] = f"{flag}={_class_path(registry.get(arg[len(flag) + 1:]))}"
+            elif arg == flag and i + 1 < len(out) and registry.find(out[i + 1]) is not None:
+                out[i + 1] = _class_path(registry.get(out[i + 1]))
+    return out
+
+
+class TransferArgumentParser(LightningArgumentParser):
+    """Adds the registered choices to errors about a component that cannot be resolved."""
+
+    def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
+        for key, registry in _COMPONENT_KEYS.items():
+            if f'"{key}"' in message or f"'{key}'" in message or f"key {key}:" in message:
+                choices = ", ".join(f"{cls.__name__} ({name})" for name, cls in registry.items())
+                message += (f"\nRegistered choices for {key} ({registry.kind}): {choices}. Choose one with "
+                            f"--{key}=<ClassName> (see `python -m lightning_transfer list`).")
+                break
+        super().error(message, ex)
 
 
 class LoggedConfigCallback(SaveConfigCallback):
@@ -64,6 +102,8 @@ class TransferCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", LoggedConfigCallback)
         kwargs.setdefault("save_config_kwargs", {"save_to_log_dir": False})
         kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"})
+        kwargs.setdefault("parser_class", TransferArgumentParser)
+        args = resolve_registry_names(sys.argv[1:] if args is None else list(args))
         super().__init__(TransferModule, TransferDataModule, subclass_mode_data=True, args=args, run=run, **kwargs)
 
     def add_arguments_to_parser(self, parser: Any) -> None:

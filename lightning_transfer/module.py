@@ -231,6 +231,12 @@ class TransferModule(LightningModule):
                 f"model.adaptation as the run that saved it (checkpoint backbone: {meta['backbone']})"
             )
         if self._omitted_digest(omitted) != meta["omitted_digest"]:
+            if "random init" in meta["backbone"]:
+                raise ValueError(
+                    f"checkpoint was trained on a randomly initialised frozen backbone ({meta['backbone']}), whose "
+                    "weights a checkpoint cannot rebuild: train on pretrained weights or a checkpoint_path, or with a "
+                    "strategy that trains the whole backbone"
+                )
             raise ValueError(
                 f"checkpoint was trained on top of backbone {meta['backbone']}, but this model's frozen backbone "
                 f"weights ({self.backbone.identity()}) differ from those: load the same pretrained weights "
