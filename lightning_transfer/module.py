@@ -77,6 +77,7 @@ class TransferModule(LightningModule):
         self.head: nn.Module | None = (
             LinearHead(in_features, num_classes, head_dropout) if in_features is not None else None
         )
+        adaptation.set_class_names(class_names)  # strategies that build their classifier from names (CLIP)
         adaptation.attach(backbone, self.head)
         self.test_time = test_time
         self.optimizer_factory = optimizer
@@ -139,13 +140,27 @@ class TransferModule(LightningModule):
         return self._eval_step(batch, self.val_metrics, "val")
 
     def on_test_start(self) -> None:
+        self.__dict__["_test_dataloader_metrics"] = {0: self.test_metrics}
+        self.__dict__["_last_test_dataloader"] = 0
         if self.test_time is not None and not self._test_time_prepared:
             self.test_time.prepare(self, getattr(self.trainer, "datamodule", None))
             self._test_time_prepared = True
 
-    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def _test_metrics_for(self, dataloader_idx: int) -> MetricCollection:
+        """One metric collection per test dataloader (e.g. per corruption type), so they never mix."""
+        per_loader = self.__dict__.setdefault("_test_dataloader_metrics", {0: self.test_metrics})
+        if dataloader_idx not in per_loader:
+            per_loader[dataloader_idx] = self.test_metrics.clone()
+            per_loader[dataloader_idx].reset()
+        return per_loader[dataloader_idx]
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        metrics = self._test_metrics_for(dataloader_idx)
         if self.test_time is None:
-            return self._eval_step(batch, self.test_metrics, "test")
+            return self._eval_step(batch, metrics, "test")
+        if dataloader_idx != self.__dict__.get("_last_test_dataloader", 0) and self.test_time.reset_between_dataloaders:
+            self.test_time.reset()
+        self.__dict__["_last_test_dataloader"] = dataloader_idx
         if self.test_time.needs_grad and torch.is_inference_mode_enabled():
             raise RuntimeError(
                 f"{type(self.test_time).__name__} takes gradient steps at test time but the Trainer runs test in "
@@ -153,7 +168,7 @@ class TransferModule(LightningModule):
             )
         with torch.enable_grad():
             logits = self.test_time.adapt(self, batch)
-        return self._eval_step(batch, self.test_metrics, "test", logits=logits.detach())
+        return self._eval_step(batch, metrics, "test", logits=logits.detach())
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
@@ -211,6 +226,7 @@ class TransferModule(LightningModule):
         checkpoint[CHECKPOINT_KEY] = {
             "format_version": 1,
             "backbone": self.backbone.identity(),
+            "adaptation": type(self.adaptation).__name__,
             "omitted_keys": len(omitted),
             "omitted_digest": self._omitted_digest(omitted),
             "num_classes": self.num_classes,
@@ -218,11 +234,19 @@ class TransferModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state: dict[str, Tensor] = checkpoint["state_dict"]
+        state = self._test_time_state(state)
+        checkpoint["state_dict"] = state
         own = self.state_dict()
         self._check_shapes(state, own)
         meta = checkpoint.get(CHECKPOINT_KEY)
         if meta is None:  # a full checkpoint from elsewhere: strict loading does the checking
             return
+        if meta.get("adaptation", type(self.adaptation).__name__) != type(self.adaptation).__name__:
+            raise ValueError(
+                f"checkpoint was trained with model.adaptation={meta['adaptation']} but this model uses "
+                f"{type(self.adaptation).__name__}: build the model with the same backbone and model.adaptation as "
+                "the run that saved it (the CLI does this from the checkpoint's hyperparameters)"
+            )
         omitted = {k: v for k, v in own.items() if k not in state}
         if len(omitted) != meta["omitted_keys"]:
             raise ValueError(
@@ -243,6 +267,16 @@ class TransferModule(LightningModule):
                 "(model.backbone pretrained/checkpoint_path) the run used"
             )
         checkpoint["state_dict"] = {**omitted, **state}
+
+    def _test_time_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A test-time method's saved state (CAFA statistics) loads only into a model that has one; a model with a
+        test-time method loads checkpoints without that state (trained before it was chosen) as they are."""
+        prefix = "test_time."
+        if self.test_time is None:
+            return {k: v for k, v in state.items() if not k.startswith(prefix)}
+        self.test_time.fit_state_shapes({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        own = {f"{prefix}{k}": v for k, v in self.test_time.state_dict().items()}
+        return {**own, **state}
 
     def _check_shapes(self, state: dict[str, Tensor], own: dict[str, Tensor]) -> None:
         head_w = "head.fc.weight"

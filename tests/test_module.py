@@ -1,0 +1,130 @@
+"""TransferModule: metrics, optimizer groups, small strict checkpoints and their errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from lightning_transfer.datamodules import Digits
+from lightning_transfer.module import TransferModule
+from lightning_transfer.strategies import FullFinetune, LinearProbe, PartialFreeze
+from lightning_transfer.strategies.full import layer_lr_scales
+from lightning_transfer.backbones.timm import TimmBackbone
+from tests.helpers.models import TINY_VIT, inputs_for, tiny_cnn, tiny_vit
+
+
+def _trainer(**kw) -> Trainer:
+    return Trainer(**{"logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+                      "enable_model_summary": False, "accelerator": "cpu", **kw})
+
+
+def _fit_and_save(module: TransferModule, path, num_shots: int = 2) -> None:
+    dm = Digits(task="target", num_shots=num_shots, batch_size=5)
+    trainer = _trainer(max_steps=2, limit_val_batches=0)
+    trainer.fit(module, datamodule=dm)
+    trainer.save_checkpoint(path)
+
+
+def test_metrics_per_stage_include_top5_and_ece():
+    module = TransferModule(tiny_vit(), LinearProbe(), num_classes=5)
+    trainer = _trainer(max_epochs=1)
+    dm = Digits(task="target", num_shots=3, batch_size=8)
+    trainer.fit(module, datamodule=dm)
+    assert {"val/acc", "val/ece", "train/acc", "train/loss_epoch"} <= set(trainer.logged_metrics)
+    metrics = trainer.test(module, datamodule=dm, verbose=False)[0]
+    assert {"test/acc", "test/acc_top5", "test/ece", "test/loss"} <= set(metrics)
+    assert metrics["test/acc_top5"] == pytest.approx(1.0)  # 5 classes: the true class is always in the top 5
+    assert 0.0 <= metrics["test/ece"] <= 1.0
+    few = TransferModule(tiny_vit(), LinearProbe(), num_classes=3)
+    assert "acc_top5" not in few.val_metrics  # top-5 only where there are at least 5 classes
+
+
+def test_optimizer_groups_layer_decay_and_no_decay():
+    module = TransferModule(tiny_vit(), FullFinetune(layer_decay=0.5, backbone_lr_scale=0.1), num_classes=5,
+                            optimizer=lambda params: torch.optim.AdamW(params, lr=1.0, weight_decay=0.05))
+    opt = module.configure_optimizers()
+    depth = module.backbone.depth
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    wd_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    named = dict(module.named_parameters())
+    assert lr_of[id(named["head.fc.weight"])] == 1.0
+    assert lr_of[id(named["backbone.model.norm.weight"])] == pytest.approx(0.1)
+    assert lr_of[id(named["backbone.model.blocks.0.attn.qkv.weight"])] == pytest.approx(0.1 * 0.5 ** depth)
+    assert lr_of[id(named["backbone.model.patch_embed.proj.weight"])] == pytest.approx(0.1 * 0.5 ** (depth + 1))
+    assert wd_of[id(named["backbone.model.blocks.0.attn.qkv.bias"])] == 0.0
+    assert wd_of[id(named["backbone.model.cls_token"])] == 0.0
+    assert wd_of[id(named["head.fc.weight"])] == 0.05
+    assert layer_lr_scales(2, None, 1.0) == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_partial_freeze_trains_only_late_blocks():
+    module = TransferModule(tiny_vit(), PartialFreeze(num_frozen_blocks=4), num_classes=5)
+    trainable = {n.split(".")[3] for n, p in module.named_parameters() if p.requires_grad and ".blocks." in n}
+    assert trainable == {"4", "5"}
+    with pytest.raises(ValueError, match="num_frozen_blocks=9 is out of range"):
+        TransferModule(tiny_vit(), PartialFreeze(num_frozen_blocks=9), num_classes=5)
+
+
+def test_linear_probe_keeps_backbone_in_eval_and_cache_skips_backbone():
+    strategy = LinearProbe(cache_features=True)
+    module = TransferModule(tiny_cnn(), strategy, num_classes=5).train()
+    assert not module.backbone.training and module.head.training
+    x = inputs_for(module.backbone, batch=6)
+    first = module(x)
+    calls = []
+    handle = module.backbone.register_forward_hook(lambda *a: calls.append(1))
+    second = module(x)
+    handle.remove()
+    assert torch.equal(first, second) and not calls and strategy.cache_hits == 6
+    x2 = x.clone()
+    x2[0] += 1.0  # a changed input is a miss, never a stale hit
+    module(x2)
+    assert strategy.cache_misses == 6 + 1
+
+
+def test_checkpoint_is_small_and_reloads_on_fresh_backbone(tmp_path):
+    module = TransferModule(tiny_vit(), LinearProbe(), num_classes=5)
+    _fit_and_save(module, tmp_path / "probe.ckpt")
+    state = torch.load(tmp_path / "probe.ckpt", weights_only=True)["state_dict"]
+    assert set(state) == {"head.fc.weight", "head.fc.bias"}
+    full = TransferModule(tiny_vit(), FullFinetune(), num_classes=5)
+    _fit_and_save(full, tmp_path / "full.ckpt")
+    assert (tmp_path / "probe.ckpt").stat().st_size < 0.2 * (tmp_path / "full.ckpt").stat().st_size
+    loaded = TransferModule.load_from_checkpoint(tmp_path / "probe.ckpt", weights_only=True).eval()
+    x = inputs_for(module.backbone)
+    assert torch.equal(loaded(x), module.eval()(x))
+
+
+def test_checkpoint_from_a_different_backbone_is_refused(tmp_path):
+    module = TransferModule(tiny_vit(), LinearProbe(), num_classes=5)
+    _fit_and_save(module, tmp_path / "probe.ckpt")
+    torch.manual_seed(123)
+    other = TransferModule(TimmBackbone(**TINY_VIT), LinearProbe(), num_classes=5)  # other weights, same shapes
+    checkpoint = torch.load(tmp_path / "probe.ckpt", weights_only=True)
+    with pytest.raises(ValueError, match="trained on top of backbone timm:test_vit .* differ"):
+        other.on_load_checkpoint(checkpoint)
+
+
+def test_num_classes_mismatch_is_refused(tmp_path):
+    module = TransferModule(tiny_vit(), LinearProbe(), num_classes=5)
+    _fit_and_save(module, tmp_path / "probe.ckpt")
+    three = TransferModule(tiny_vit(), LinearProbe(), num_classes=3)
+    checkpoint = torch.load(tmp_path / "probe.ckpt", weights_only=True)
+    with pytest.raises(ValueError, match="checkpoint head has 5 classes but this model has num_classes=3"):
+        three.on_load_checkpoint(checkpoint)
+
+
+def test_strategy_mismatch_is_refused(tmp_path):
+    module = TransferModule(tiny_vit(), LinearProbe(), num_classes=5)
+    _fit_and_save(module, tmp_path / "probe.ckpt")
+    partial = TransferModule(tiny_vit(), PartialFreeze(num_frozen_blocks=3), num_classes=5)
+    with pytest.raises(ValueError, match="same backbone and model.adaptation"):
+        partial.on_load_checkpoint(torch.load(tmp_path / "probe.ckpt", weights_only=True))
+
+
+def test_nothing_to_train_is_a_clear_error():
+    module = TransferModule(tiny_vit(), LinearProbe(), num_classes=5)
+    module.head.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        module.configure_optimizers()
