@@ -1,0 +1,125 @@
+"""The real entry point: subcommands, composed configs, links, print_config, W&B offline, and bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_transfer.cli import TransferCLI, main
+from tests.conftest import REPO
+
+QUICK = str(REPO / "configs" / "quickstart.yaml")
+FAST = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+        "--trainer.enable_model_summary=false"]
+NO_LOGGER = ["--trainer.logger=false"]
+
+
+def test_python_m_list_prints_every_registry():
+    out = subprocess.run([sys.executable, "-m", "lightning_transfer", "list"], capture_output=True, text=True,
+                         check=True, cwd=REPO).stdout
+    for line in ("backbones:", "adaptation strategies", "test-time methods", "datamodules",
+                 "full", "FullFinetune", "linear_probe", "partial_freeze", "digits", "image_folder", "timm"):
+        assert line in out
+
+
+def test_composed_configs_links_and_overrides():
+    cli = TransferCLI(args=["--config", str(REPO / "configs/defaults.yaml"),
+                            "--config", str(REPO / "configs/backbone/digits_vit.yaml"),
+                            "--config", str(REPO / "configs/data/digits_target.yaml"),
+                            "--config", str(REPO / "configs/strategy/partial_freeze.yaml"),
+                            "--model.adaptation.init_args.num_frozen_blocks=2", "--data.init_args.num_shots=3",
+                            *NO_LOGGER], run=False)
+    assert type(cli.model.adaptation).__name__ == "PartialFreeze" and cli.model.adaptation.num_frozen_blocks == 2
+    assert cli.datamodule.num_shots == 3 and cli.trainer.max_epochs == 10  # from defaults.yaml
+    assert cli.model.num_classes == 5 and cli.model.class_names == ["5", "6", "7", "8", "9"]  # linked from data
+
+
+def test_short_names_and_registry_names_choose_the_strategy():
+    for name in ("LinearProbe", "linear_probe"):
+        cli = TransferCLI(args=["--config", QUICK, f"--model.adaptation={name}", *NO_LOGGER], run=False)
+        assert type(cli.model.adaptation).__name__ == "LinearProbe"
+
+
+def test_print_config_output_runs_as_is(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", QUICK, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "TimmBackbone" in printed and "model_name: test_vit" in printed
+    path = tmp_path / "printed.yaml"
+    path.write_text(printed)
+    cli = TransferCLI(args=["fit", "--config", str(path), *FAST, *NO_LOGGER])
+    assert cli.trainer.state.finished
+
+
+def test_fit_logs_to_wandb_offline(tmp_path):
+    cli = TransferCLI(args=["fit", "--config", QUICK, *FAST])
+    run = cli.trainer.logger.experiment
+    try:
+        summary = dict(run.summary)
+        for key in ("train/loss_epoch", "val/acc", "params/trainable", "params/total", "perf/train_samples_per_s",
+                    "memory/saved_for_backward_mb", "memory/peak_rss_mb", "checkpoint/size_mb"):
+            assert key in summary, key
+        assert run.config["model.adaptation.class_path"].endswith("FullFinetune")
+        assert run.config["data.init_args.num_shots"] == 5
+        run_dir = Path(run.dir).parent
+        assert run_dir.name.startswith("offline-run-") and run_dir.is_dir()
+        saved = yaml.safe_load((Path(run.dir) / "config.yaml").read_text())
+        assert saved["data"]["init_args"]["num_shots"] == 5 and saved["trainer"]["max_epochs"] == 1
+    finally:
+        run.finish()
+    assert list(run_dir.glob("*.wandb")), "no offline run file to `wandb sync`"
+
+
+def test_test_subcommand_reloads_fit_checkpoint():
+    cli = TransferCLI(args=["fit", "--config", QUICK, *FAST, *NO_LOGGER, "--trainer.default_root_dir=out"])
+    ckpt = cli.trainer.checkpoint_callback.last_model_path
+    assert Path(ckpt).is_file()
+    tested = TransferCLI(args=["test", "--config", QUICK, "--ckpt_path", ckpt, *NO_LOGGER])
+    assert 0.0 <= float(tested.trainer.callback_metrics["test/acc"]) <= 1.0
+
+
+# ---- bad input: clear errors before the first training step ----------------------------------------------------
+def _error(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit):
+        TransferCLI(args=args, run=False)
+    return capsys.readouterr().err
+
+
+def test_unknown_strategy_lists_the_registered_ones(capsys):
+    err = _error(["--config", QUICK, "--model.adaptation=Lorax", *NO_LOGGER], capsys)
+    assert "Lorax" in err and "Registered choices for model.adaptation" in err and "FullFinetune (full)" in err
+
+
+def test_unknown_backbone_class_lists_the_registered_ones(capsys):
+    err = _error(["--config", QUICK, "--model.backbone=NoSuchBackbone", *NO_LOGGER], capsys)
+    assert "NoSuchBackbone" in err and "Registered choices for model.backbone" in err and "TimmBackbone" in err
+
+
+def test_unknown_timm_model_name(capsys):
+    with pytest.raises(ValueError, match="unknown timm model_name 'vit_tiniest'"):
+        TransferCLI(args=["--config", QUICK, "--model.backbone.init_args.model_name=vit_tiniest", *NO_LOGGER],
+                    run=False)
+
+
+def test_config_key_no_constructor_has(capsys):
+    err = _error(["--config", QUICK, "--model.adaptation=LinearProbe", "--model.adaptation.init_args.rank=4",
+                  *NO_LOGGER], capsys)
+    assert "rank" in err and "not accepted" in err
+
+
+def test_missing_backbone_checkpoint_file():
+    with pytest.raises(FileNotFoundError, match="checkpoint_path 'nowhere/backbone.safetensors' does not exist"):
+        TransferCLI(args=["--config", QUICK, "--model.backbone.init_args.checkpoint_path=nowhere/backbone.safetensors",
+                          *NO_LOGGER], run=False)
+
+
+def test_image_folder_pointed_at_missing_folder():
+    # jsonargparse re-raises the constructor's FileNotFoundError inside its own ValueError, message intact
+    with pytest.raises((FileNotFoundError, ValueError), match="no training folder at .*missing_data.*<class>/<image>"):
+        TransferCLI(args=["--config", QUICK, "--data=ImageFolder", "--data.init_args.root=missing_data", *NO_LOGGER],
+                    run=False)
