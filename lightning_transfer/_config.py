@@ -60,6 +60,7 @@ class RecordsInitArgs:
 
     def init_config(self) -> dict[str, Any]:
         """``{"class_path": "pkg.mod.Class", "init_args": {...}}`` as given to the constructor."""
-        config = dict(self.__dict__.get("_init_config") or {"class_path": f"{type(self).__module__}.{type(self).__qualname__}"})
+        own_path = f"{type(self).__module__}.{type(self).__qualname__}"
+        config = dict(self.__dict__.get("_init_config") or {"class_path": own_path})
         config["init_args"] = {k: to_config(v) for k, v in (self.__dict__.get("_init_args_raw") or {}).items()}
         return config

@@ -136,8 +136,9 @@ def _export(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m lightning_transfer export",
                                      description="Export a trained checkpoint for inference or reuse.")
     parser.add_argument("--ckpt_path", required=True, help="checkpoint written by fit")
-    parser.add_argument("--format", default="merged", choices=["merged"],
-                        help="merged: the backbone's weights with the adaptation folded in (+ head)")
+    parser.add_argument("--format", default="merged", choices=["merged", "peft"],
+                        help="merged: the backbone's weights with the adaptation folded in (+ head); "
+                             "peft: peft's adapter files for the wrapped model (LoRA, PeftMethod) (+ head)")
     parser.add_argument("--output", required=True, help="output directory (must not exist or be empty)")
     args = parser.parse_args(argv)
     written = export_checkpoint(args.ckpt_path, args.format, args.output)

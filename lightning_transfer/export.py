@@ -18,22 +18,36 @@ def load_module(ckpt_path: str) -> TransferModule:
     return TransferModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=True)
 
 
+FORMATS = ("merged", "peft")
+
+
 def export_checkpoint(ckpt_path: str, fmt: str, output: str) -> list[Path]:
-    """Write ``backbone.safetensors`` (loadable as ``checkpoint_path``), ``head.safetensors`` and ``export.json``."""
+    """Write the export, ``head.safetensors`` and ``export.json`` into ``output``.
+
+    ``merged``: ``backbone.safetensors``, the backbone's weights with the adaptation folded in (loadable as
+    ``checkpoint_path``). ``peft``: peft's adapter files (``adapter_config.json``, ``adapter_model.safetensors``)
+    for strategies that define ``save_peft`` (LoRA, PeftMethod).
+    """
     out = Path(output)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"output directory {output!r} is not empty; choose a new one (nothing is overwritten)")
-    if fmt != "merged":
-        raise ValueError(f"unknown export format {fmt!r}; available: merged")
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; available: {', '.join(FORMATS)}")
     module = load_module(ckpt_path)
-    backbone_state = module.adaptation.merged_backbone_state(module.backbone) if hasattr(
-        module.adaptation, "merged_backbone_state") else module.backbone.export_state_dict()
-    out.mkdir(parents=True, exist_ok=True)
-    written = [out / "backbone.safetensors"]
-    save_file({k: v.detach().cpu().contiguous() for k, v in backbone_state.items()}, str(written[0]))
+    if fmt == "peft":
+        if not hasattr(module.adaptation, "save_peft"):
+            raise ValueError(f"{type(module.adaptation).__name__} is not a peft method, so it has no peft adapter "
+                             "format: export with --format merged")
+        written = module.adaptation.save_peft(module.backbone, out)
+    else:
+        backbone_state = module.adaptation.merged_backbone_state(module.backbone) if hasattr(
+            module.adaptation, "merged_backbone_state") else module.backbone.export_state_dict()
+        out.mkdir(parents=True, exist_ok=True)
+        written = [out / "backbone.safetensors"]
+        save_file({k: v.detach().cpu().contiguous() for k, v in backbone_state.items()}, str(written[0]))
     if module.head is not None:
         written.append(out / "head.safetensors")
-        save_file({k: v.detach().cpu().contiguous() for k, v in module.head.state_dict().items()}, str(written[1]))
+        save_file({k: v.detach().cpu().contiguous() for k, v in module.head.state_dict().items()}, str(written[-1]))
     meta = {"format": fmt, "source_checkpoint": str(ckpt_path), "backbone": module.backbone.init_config(),
             "adaptation": module.adaptation.init_config(), "num_classes": module.num_classes,
             "class_names": module.class_names}

@@ -6,11 +6,11 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
+from lightning_transfer.backbones.timm import TimmBackbone
 from lightning_transfer.datamodules import Digits
 from lightning_transfer.module import TransferModule
 from lightning_transfer.strategies import FullFinetune, LinearProbe, PartialFreeze
 from lightning_transfer.strategies.full import layer_lr_scales
-from lightning_transfer.backbones.timm import TimmBackbone
 from tests.helpers.models import TINY_VIT, inputs_for, tiny_cnn, tiny_vit
 
 

@@ -80,10 +80,9 @@ def test_every_registered_strategy_has_cases_and_yaml():
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_builds_from_its_yaml(name):
     cls = STRATEGIES.get(name)
-    backbone_yaml = "configs/backbone/digits_vit.yaml"
-    cli = TransferCLI(args=["--config", str(REPO / backbone_yaml), "--config", str(REPO / "configs/data/digits_target.yaml"),
-                            "--config", str(REPO / f"configs/strategy/{name}.yaml"), "--trainer.logger=false"],
-                      run=False)
+    configs = ["configs/backbone/digits_vit.yaml", "configs/data/digits_target.yaml", f"configs/strategy/{name}.yaml"]
+    args = [item for path in configs for item in ("--config", str(REPO / path))]
+    cli = TransferCLI(args=[*args, "--trainer.logger=false"], run=False)
     assert type(cli.model.adaptation) is cls
     assert cli.model.num_classes == 5 and cli.model.class_names == ["5", "6", "7", "8", "9"]
 
