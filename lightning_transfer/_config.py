@@ -56,7 +56,7 @@ class RecordsInitArgs:
             init(self, *args, **kw)
 
         wrapped._records_init_args = True  # type: ignore[attr-defined]
-        cls.__init__ = wrapped  # type: ignore[misc]
+        cls.__init__ = wrapped  # type: ignore[method-assign]
 
     def init_config(self) -> dict[str, Any]:
         """``{"class_path": "pkg.mod.Class", "init_args": {...}}`` as given to the constructor."""

@@ -1,4 +1,4 @@
-"""The command line: ``python -m lightning_transfer {fit,validate,test,predict,list,export}``.
+"""The command line: ``python -m lightning_transfer {fit,validate,test,predict,list,export,bench}``.
 
 fit/validate/test/predict go through :class:`TransferCLI`, a LightningCLI in omegaconf mode: several ``--config``
 files compose, components are chosen by ``class_path`` (short class names work: ``--model.adaptation=LoRA``), and
@@ -111,6 +111,15 @@ class TransferCLI(LightningCLI):
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
         parser.add_lightning_class_args(EfficiencyMonitor, "efficiency")
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning replaces the model config with the checkpoint's hyperparameters; the test-time method is chosen
+        # when testing (`test --model.test_time=CAFA --ckpt_path run.ckpt`), not by the run that saved the weights
+        sub = self.config.get("subcommand")
+        chosen = self.config[sub].model.get("test_time") if sub else None
+        super()._parse_ckpt_path()
+        if chosen is not None:
+            self.config[sub].model.test_time = chosen
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.model.get("test_time") is not None and config.trainer.get("inference_mode", True):
@@ -153,6 +162,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     if argv and argv[0] == "export":
         _export(argv[1:])
+        return
+    if argv and argv[0] == "bench":
+        from lightning_transfer.bench import main as bench_main
+
+        bench_main(argv[1:])
         return
     default_wandb_mode()
     TransferCLI(args=argv)

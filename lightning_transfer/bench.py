@@ -1,0 +1,265 @@
+"""``python -m lightning_transfer bench``: several strategies, same backbone, data, budget and seeds, one table.
+
+Each (strategy, seed) runs in its own subprocess (so peak RSS and CUDA peaks are per run, and one crash cannot take
+the others down), writes one JSON row under ``OUTPUT/rows/``, and is skipped when rerun with the same ``--output``.
+The rows are then aggregated into ``results.csv``, ``results.md``, ``results.json`` and ``pareto.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from lightning_transfer.registry import STRATEGIES
+
+PACKAGES = ("torch", "lightning", "timm", "peft", "transformers", "torchmetrics", "lightning-transfer")
+COLUMNS = ("strategy", "seeds", "top1_mean", "top1_std", "trainable_params", "trainable_pct", "checkpoint_mb",
+           "saved_for_backward_mb", "peak_rss_mb", "cuda_peak_mb", "train_samples_per_s", "infer_samples_per_s",
+           "error")
+
+
+# ---- one run ------------------------------------------------------------------------------------------------
+def strategy_config(name: str, config_dir: Path) -> Path:
+    path = config_dir / f"{name}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"strategy {name!r} has no config {path}: write one (see configs/strategy/)")
+    return path
+
+
+def _environment() -> dict[str, Any]:
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"git_commit": commit, "versions": versions}
+
+
+def _inference_throughput(module: Any, loader: Any, max_batches: int = 20) -> float:
+    import torch
+
+    module.eval()
+    seen, elapsed = 0, 0.0
+    with torch.no_grad():
+        for i, batch in enumerate(loader):
+            x = batch[0].to(module.device)
+            start = time.perf_counter()
+            module(x)
+            if i > 0:  # the first batch warms up
+                elapsed += time.perf_counter() - start
+                seen += len(x)
+            if i >= max_batches:
+                break
+    return seen / elapsed if elapsed > 0 else float("nan")
+
+
+def run_one(configs: list[str], overrides: list[str], seed: int, workdir: Path) -> dict[str, Any]:
+    """Fit and test one configuration in this process; return its row (metrics + provenance)."""
+    from lightning_transfer.callbacks.efficiency import EfficiencyMonitor
+    from lightning_transfer.cli import TransferCLI
+
+    args = [item for c in configs for item in ("--config", c)] + list(overrides)
+    args += [f"--seed_everything={seed}", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+             "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={workdir}"]
+    cli = TransferCLI(args=args, run=False)
+    if getattr(cli.datamodule, "seed", seed) != seed:  # vary the K-shot draw with the seed too
+        cli = TransferCLI(args=[*args, f"--data.init_args.seed={seed}"], run=False)
+    start = time.perf_counter()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    fit_seconds = time.perf_counter() - start
+    tested = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+    ckpt = workdir / "final.ckpt"
+    cli.trainer.save_checkpoint(ckpt)
+    monitor = next(cb for cb in cli.trainer.callbacks if isinstance(cb, EfficiencyMonitor))
+    m = monitor.metrics
+    return {
+        "top1": tested.get("test/acc"), "top5": tested.get("test/acc_top5"), "ece": tested.get("test/ece"),
+        "trainable_params": m.get("params/trainable"), "total_params": m.get("params/total"),
+        "trainable_pct": m.get("params/trainable_pct"), "checkpoint_mb": ckpt.stat().st_size / 2**20,
+        "saved_for_backward_mb": m.get("memory/saved_for_backward_mb"), "peak_rss_mb": m.get("memory/peak_rss_mb"),
+        "cuda_peak_mb": m.get("memory/cuda_peak_mb"), "train_samples_per_s": m.get("perf/train_samples_per_s"),
+        "infer_samples_per_s": _inference_throughput(cli.model, cli.datamodule.test_dataloader()),
+        "fit_seconds": fit_seconds, "config": cli.parser.dump(cli.config, skip_none=False, format="yaml"),
+    }
+
+
+def _worker(argv: list[str]) -> None:
+    spec = json.loads(argv[0])
+    row: dict[str, Any] = {"strategy": spec["strategy"], "seed": spec["seed"], **_environment()}
+    try:
+        row.update(run_one(spec["configs"], spec["overrides"], spec["seed"], Path(spec["workdir"])))
+        row["status"] = "ok"
+    except Exception as err:  # recorded in the row; the other strategies go on
+        row.update(status="error", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
+    Path(spec["row"]).write_text(json.dumps(row, indent=1, default=str))
+
+
+# ---- the table ----------------------------------------------------------------------------------------------
+def _mean(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(values) / len(values) if values else None
+
+
+def _std(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    if len(values) < 2:
+        return 0.0 if values else None
+    mu = sum(values) / len(values)
+    return math.sqrt(sum((v - mu) ** 2 for v in values) / (len(values) - 1))  # sample std over seeds
+
+
+def aggregate(rows: list[dict[str, Any]], strategies: list[str]) -> list[dict[str, Any]]:
+    """One line per strategy: top-1 mean and std over the seeds that finished, other columns averaged."""
+    table = []
+    for name in strategies:
+        mine = [r for r in rows if r["strategy"] == name]
+        ok = [r for r in mine if r.get("status") == "ok"]
+        line: dict[str, Any] = {"strategy": name, "seeds": len(ok)}
+        line["top1_mean"] = _mean([r["top1"] for r in ok])
+        line["top1_std"] = _std([r["top1"] for r in ok])
+        for key in COLUMNS[4:-1]:
+            line[key] = _mean([r.get(key) for r in ok])
+        errors = sorted({r["error"] for r in mine if r.get("status") == "error"})
+        line["error"] = "; ".join(errors) or None
+        table.append(line)
+    return table
+
+
+def _fmt(value: Any, key: str) -> str:
+    if value is None:
+        return "-"
+    if key in ("top1_mean", "top1_std"):
+        return f"{100 * value:.1f}"
+    if key == "trainable_params":
+        return f"{value:,.0f}"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
+    return str(value)
+
+
+def write_tables(table: list[dict[str, Any]], out: Path) -> None:
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(table)
+    header = "| " + " | ".join(COLUMNS) + " |"
+    lines = [header, "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(row[k], k) for k in COLUMNS) + " |" for row in table]
+    (out / "results.md").write_text("top-1 in %, mean and sample std over seeds; memory in MiB\n\n"
+                                    + "\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps(table, indent=1))
+
+
+def plot_pareto(table: list[dict[str, Any]], path: Path) -> bool:
+    """Accuracy against trainable parameters and against training memory, one labelled point per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [r for r in table if r["top1_mean"] is not None]
+    if not points:
+        return False
+    memory_key = "cuda_peak_mb" if all(r.get("cuda_peak_mb") for r in points) else "saved_for_backward_mb"
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in ((axes[0], "trainable_params", "trainable parameters"),
+                           (axes[1], memory_key, f"training memory ({memory_key}, MiB)")):
+        for r in points:
+            if r.get(key):
+                ax.errorbar(r[key], 100 * r["top1_mean"], yerr=100 * (r["top1_std"] or 0), fmt="o", capsize=3)
+                ax.annotate(r["strategy"], (r[key], 100 * r["top1_mean"]), textcoords="offset points", xytext=(5, 4))
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def log_wandb_table(table: list[dict[str, Any]], out: Path) -> str | None:
+    from lightning_transfer.loggers import default_wandb_mode
+
+    try:
+        import wandb
+    except ImportError:
+        return None
+    default_wandb_mode()
+    run = wandb.init(project="lightning-transfer-bench", dir=str(out), name=out.name, reinit="finish_previous")
+    run.log({"results": wandb.Table(columns=list(COLUMNS), data=[[r[k] for k in COLUMNS] for r in table])})
+    run_dir = str(Path(run.dir).parent)
+    run.finish()
+    return run_dir
+
+
+# ---- command line ---------------------------------------------------------------------------------------------
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m lightning_transfer bench", description=__doc__.splitlines()[0])
+    p.add_argument("--config", action="append", required=True, help="base config(s), composed in order")
+    p.add_argument("--strategies", required=True, help="comma-separated registry names, or 'all'")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 1..N (trainer seed and K-shot draw)")
+    p.add_argument("--output", required=True, help="result folder; rerunning with it skips finished rows")
+    p.add_argument("--strategy-configs", default="configs/strategy", help="folder of <name>.yaml strategy configs")
+    p.add_argument("--no-wandb", action="store_true", help="do not log the table to W&B")
+    p.add_argument("overrides", nargs="*", help="extra --key=value overrides after '--', applied to every run")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> None:
+    if argv and argv[0] == "--worker":
+        _worker(argv[1:])
+        return
+    args = parse(argv)
+    names = STRATEGIES.names() if args.strategies == "all" else [s.strip() for s in args.strategies.split(",") if s]
+    unknown = [n for n in names if n not in STRATEGIES]
+    if unknown:
+        raise SystemExit(f"bench: {STRATEGIES.unknown_message(unknown[0])}")
+    for config in args.config:
+        if not Path(config).is_file():
+            raise SystemExit(f"bench: config {config!r} does not exist")
+    strategy_dir = Path(args.strategy_configs)
+    configs = {n: [*args.config, str(strategy_config(n, strategy_dir))] for n in names}
+    out = Path(args.output)
+    (out / "rows").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in names:
+        for seed in range(1, args.seeds + 1):
+            row_path = out / "rows" / f"{name}_seed{seed}.json"
+            if not row_path.is_file() or json.loads(row_path.read_text()).get("status") != "ok":
+                print(f"bench: {name} seed {seed} ...", flush=True)
+                spec = {"strategy": name, "seed": seed, "configs": configs[name], "overrides": args.overrides,
+                        "workdir": str(out / "runs" / f"{name}_seed{seed}"), "row": str(row_path)}
+                proc = subprocess.run([sys.executable, "-m", "lightning_transfer", "bench", "--worker",
+                                       json.dumps(spec)], env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                if not row_path.is_file():  # the worker died before writing (killed, out of memory)
+                    row_path.write_text(json.dumps({"strategy": name, "seed": seed, "status": "error",
+                                                    "error": f"worker exited with code {proc.returncode}"}))
+            else:
+                print(f"bench: {name} seed {seed} done before, skipped", flush=True)
+            rows.append(json.loads(row_path.read_text()))
+    table = aggregate(rows, names)
+    write_tables(table, out)
+    plotted = plot_pareto(table, out / "pareto.png")
+    print((out / "results.md").read_text())
+    print(f"wrote {out / 'results.csv'}, {out / 'results.md'}" + (f", {out / 'pareto.png'}" if plotted else ""))
+    if not args.no_wandb:
+        run_dir = log_wandb_table(table, out)
+        if run_dir:
+            print(f"W&B table: {run_dir}")
