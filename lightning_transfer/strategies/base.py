@@ -49,6 +49,8 @@ class AdaptationStrategy(nn.Module, RecordsInitArgs):
     trains_backbone: ClassVar[bool] = False
     #: some trainable parameters may get no gradient in a step (DDP must then look for unused parameters)
     may_have_unused_parameters: ClassVar[bool] = False
+    #: nothing trains (e.g. zero-shot CLIP): validate/test only, ``fit`` refuses
+    trains_nothing: ClassVar[bool] = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -75,6 +77,9 @@ class AdaptationStrategy(nn.Module, RecordsInitArgs):
     def _attach(self, backbone: Backbone, head: nn.Module | None) -> None:
         """Default: the backbone is frozen, the head trains."""
         freeze(backbone)
+
+    def set_class_names(self, class_names: list[str] | None) -> None:
+        """Receive the task's class names (before :meth:`attach`, and again when they change). No-op by default."""
 
     def head_in_features(self, backbone: Backbone) -> int | None:
         """Width of the head's input; ``None`` when the strategy needs no linear head (e.g. CLIP prompts)."""

@@ -22,7 +22,7 @@ WORDS = ["photo", "of", "the", "type", "pet", "digit", "number", "itap", "pictur
 
 def _bytes_to_unicode() -> list[str]:
     """GPT-2's reversible byte -> printable character table (what byte-level BPE vocabularies use)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     out, extra = [], 0
     for b in range(256):
         if b in keep:
@@ -59,14 +59,14 @@ def write_tiny_tokenizer(directory: Path) -> None:
 
 def tiny_clip_config(vocab_size: int, eos_token_id: int, bos_token_id: int, **vision: int) -> dict:
     text = {"vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "max_position_embeddings": 16, "eos_token_id": eos_token_id,
+            "num_attention_heads": 4, "max_position_embeddings": 32, "eos_token_id": eos_token_id,
             "bos_token_id": bos_token_id, "pad_token_id": eos_token_id}
     vis = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
            "image_size": 16, "patch_size": 4, **vision}
     return {"text_config": text, "vision_config": vis, "projection_dim": 24}
 
 
-def tiny_clip_dir(tag: str = "tiny_clip") -> str:
+def tiny_clip_dir(tag: str = "tiny_clip_ctx32") -> str:
     """A local directory holding a tiny random ``CLIPModel`` (seed 0) and its tokenizer, written once."""
     from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 

@@ -1,0 +1,96 @@
+"""ClassSubset: the base or new half of another datamodule's classes (CoCoOp's base-to-new protocol)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import Dataset
+
+from lightning_transfer.datamodules.base import TransferDataModule
+from lightning_transfer.registry import register_datamodule
+
+Subset = Literal["base", "new", "all"]
+
+
+def base_new_split(num_classes: int) -> tuple[list[int], list[int]]:
+    """CoCoOp's split of the labels 0..n-1: the first ceil(n / 2) are base, the rest new."""
+    if num_classes < 2:
+        raise ValueError(f"base-to-new needs at least 2 classes, got {num_classes}")
+    m = math.ceil(num_classes / 2)
+    return list(range(m)), list(range(m, num_classes))
+
+
+def dataset_labels(dataset: Dataset) -> list[int]:
+    """Integer labels of a (image, label) dataset: ``TensorDataset`` / ``targets`` without loading images."""
+    tensors = getattr(dataset, "tensors", None)
+    if tensors is not None and len(tensors) >= 2:
+        return [int(y) for y in tensors[1]]
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return [int(y) for y in targets]
+    return [int(dataset[i][1]) for i in range(len(dataset))]  # type: ignore[arg-type]  # map-style dataset
+
+
+class _Relabelled(Dataset):
+    """The samples at ``indices`` with labels mapped through ``remap`` (old label -> 0..k-1)."""
+
+    def __init__(self, dataset: Dataset, indices: list[int], remap: dict[int, int]) -> None:
+        self.dataset, self.indices, self.remap = dataset, indices, remap
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        x, y = self.dataset[self.indices[i]][:2]
+        return x, torch.as_tensor(self.remap[int(y)], dtype=torch.long)
+
+
+@register_datamodule("class_subset")
+class ClassSubset(TransferDataModule):
+    """Restrict any datamodule to its base or new classes, relabelled 0..k-1 (the base-to-new protocol).
+
+    Base = the first ceil(n / 2) classes of ``data.class_names``, new = the rest (as CoCoOp splits them). Train on
+    ``base`` (usually 16-shot: set ``num_shots`` on the inner datamodule), then test the same prompt on ``base``
+    and on ``new``; :func:`lightning_transfer.protocols.evaluate_base_to_new` runs both and logs the harmonic mean.
+
+    Args:
+        data: the datamodule to restrict (its batch size, shots and seed are used).
+        subset: ``base``, ``new`` or ``all`` (``all`` passes everything through).
+    """
+
+    def __init__(self, data: TransferDataModule, subset: Subset = "base") -> None:
+        if subset not in ("base", "new", "all"):
+            raise ValueError(f"subset must be 'base', 'new' or 'all', got {subset!r}")
+        super().__init__(str(data.data_dir), data.batch_size, data.num_workers, data.num_shots, data.seed,
+                         data._data_config)
+        self.data = data
+        self.subset = subset
+
+    def _labels(self) -> list[int]:
+        n = len(self.data.class_names)
+        if self.subset == "all":
+            return list(range(n))
+        base, new = base_new_split(n)
+        return base if self.subset == "base" else new
+
+    @property
+    def class_names(self) -> list[str]:
+        names = self.data.class_names
+        return [names[i] for i in self._labels()]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        if self.data._data_config is None:
+            self.data.set_data_config(self.data_config())
+        self.data.setup(stage or "fit")
+        remap = {old: new for new, old in enumerate(self._labels())}
+        for split, dataset in self.data.datasets.items():
+            keep_all = dataset_labels(dataset)
+            keep = [i for i, y in enumerate(keep_all) if y in remap]
+            self.datasets[split] = _Relabelled(dataset, keep, remap)
+            inner = self.data.splits.get(split)
+            self.splits[split] = [inner[i] for i in keep] if inner is not None and len(inner) == len(keep_all) else keep
+        self.log_split_digest()
