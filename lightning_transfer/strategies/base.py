@@ -60,7 +60,8 @@ class AdaptationStrategy(nn.Module, RecordsInitArgs):
     def check_backbone(self, backbone: Backbone) -> None:
         """Fail at construction, naming the strategies that do work, when this one cannot run on ``backbone``."""
         if self.needs_tokens and not backbone.has_tokens:
-            usable = [cls.__name__ for _, cls in STRATEGIES.items() if not cls.needs_tokens and not cls.needs_text_tower]
+            usable = [cls.__name__ for _, cls in STRATEGIES.items()
+                      if not cls.needs_tokens and not cls.needs_text_tower]
             raise ValueError(
                 f"{type(self).__name__} needs a token backbone (ViT/CLIP/BERT); got {backbone.identity()}, which has "
                 f"CNN stages - use one of: {', '.join(usable)}"

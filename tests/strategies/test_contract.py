@@ -83,7 +83,8 @@ def test_every_registered_strategy_has_cases_and_yaml():
 def test_builds_from_its_yaml(name):
     cls = STRATEGIES.get(name)
     kind = (CASES[name][0].get("backbones") or ["vit"])[0]
-    backbone = CLI_BACKBONES[kind]() if kind in CLI_BACKBONES else ["--config", str(REPO / "configs/backbone/digits_vit.yaml")]
+    digits_vit = ["--config", str(REPO / "configs/backbone/digits_vit.yaml")]
+    backbone = CLI_BACKBONES[kind]() if kind in CLI_BACKBONES else digits_vit
     configs = ["configs/data/digits_target.yaml", f"configs/strategy/{name}.yaml"]
     args = [*backbone, *(item for path in configs for item in ("--config", str(REPO / path)))]
     cli = TransferCLI(args=[*args, "--trainer.logger=false"], run=False)

@@ -1,0 +1,106 @@
+"""Framework overhead: TransferModule + Lightning Trainer against a plain PyTorch loop, same model and batches.
+
+Both loops train copies of the same model on the same batches (same order), epoch by epoch, interleaved in one
+process: each Lightning epoch is followed by one plain epoch, so machine noise hits both alike. The Lightning side is
+what the CLI runs (metrics, logging, the always-on EfficiencyMonitor); the plain side is forward, loss, backward and
+step only. Prints samples/s of both and their ratio (target >= 0.95).
+
+    python benchmarks/framework_overhead.py                 # quickstart-sized ViT and a ViT-S-shaped one
+    python benchmarks/framework_overhead.py --epochs 6 --models quickstart
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, Trainer
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_transfer.backbones.timm import TimmBackbone
+from lightning_transfer.callbacks.efficiency import EfficiencyMonitor
+from lightning_transfer.module import TransferModule
+from lightning_transfer.strategies import FullFinetune, LinearProbe
+
+MODELS = {
+    # name: (backbone kwargs, batch size, number of batches per epoch)
+    "quickstart": ({"model_name": "test_vit", "model_kwargs": {"img_size": 8, "patch_size": 2, "in_chans": 1}}, 64, 30),
+    "vit_s16_shaped": ({"model_name": "vit_small_patch16_224", "model_kwargs": {"img_size": 96}}, 16, 8),
+}
+
+
+def _loader(backbone: TimmBackbone, batch: int, batches: int) -> DataLoader:
+    c, h, w = backbone.data_config()["input_size"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch * batches, c, h, w, generator=g)
+    y = torch.randint(0, 10, (batch * batches,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False)
+
+
+def _plain_epoch(model: TransferModule, optimizer: torch.optim.Optimizer, loader: DataLoader) -> float:
+    model.train()
+    start = time.perf_counter()
+    for x, y in loader:
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - start
+
+
+class _Interleave(Callback):
+    """Times each Lightning training epoch, then runs and times one plain epoch on the copy."""
+
+    def __init__(self, plain: TransferModule, loader: DataLoader) -> None:
+        self.plain, self.loader = plain, loader
+        self.optimizer = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=1e-3)
+        self.lightning_s: list[float] = []
+        self.plain_s: list[float] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.lightning_s.append(time.perf_counter() - self._start)
+        self.plain_s.append(_plain_epoch(self.plain, self.optimizer, self.loader))
+
+
+def measure(model: str, strategy_cls: type, epochs: int) -> tuple[float, float]:
+    spec, batch, batches = MODELS[model]
+    torch.manual_seed(0)
+    module = TransferModule(TimmBackbone(**spec), strategy_cls(), num_classes=10,
+                            optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    plain = copy.deepcopy(module)
+    loader = _loader(module.backbone, batch, batches)
+    timer = _Interleave(plain, loader)
+    trainer = Trainer(max_epochs=epochs + 1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, callbacks=[EfficiencyMonitor(), timer], accelerator="cpu",
+                      log_every_n_steps=50)
+    trainer.fit(module, train_dataloaders=loader)
+    samples = batch * batches
+    # epoch 0 warms up both (allocator, first saved-bytes measurement); the median of the rest is reported
+    lightning = samples / statistics.median(timer.lightning_s[1:])
+    plain_rate = samples / statistics.median(timer.plain_s[1:])
+    return lightning, plain_rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--models", default=",".join(MODELS))
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.epochs} timed epochs each (median)")
+    print(f"{'model':<16} {'strategy':<14} {'lightning/s':>12} {'plain/s':>10} {'ratio':>7}")
+    for model in args.models.split(","):
+        for strategy_cls in (FullFinetune, LinearProbe):
+            lightning, plain = measure(model, strategy_cls, args.epochs)
+            name = strategy_cls.__name__
+            print(f"{model:<16} {name:<14} {lightning:>12.1f} {plain:>10.1f} {lightning / plain:>7.3f}")
+
+
+if __name__ == "__main__":
+    main()
