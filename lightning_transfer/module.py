@@ -140,25 +140,27 @@ class TransferModule(LightningModule):
         return self._eval_step(batch, self.val_metrics, "val")
 
     def on_test_start(self) -> None:
-        self.__dict__["_test_dataloader_metrics"] = {0: self.test_metrics}
+        # one metric collection per extra test dataloader (e.g. per corruption type), so their numbers never mix
+        num_loaders = len(getattr(self.trainer, "num_test_batches", None) or [0])
+        self.test_metrics_per_dataloader = nn.ModuleDict(
+            {str(i): self.test_metrics.clone() for i in range(1, num_loaders)})
+        self._metric_attributes = None  # let Lightning find the new metric attributes when logging them
         self.__dict__["_last_test_dataloader"] = 0
         if self.test_time is not None and not self._test_time_prepared:
             self.test_time.prepare(self, getattr(self.trainer, "datamodule", None))
             self._test_time_prepared = True
 
     def _test_metrics_for(self, dataloader_idx: int) -> MetricCollection:
-        """One metric collection per test dataloader (e.g. per corruption type), so they never mix."""
-        per_loader = self.__dict__.setdefault("_test_dataloader_metrics", {0: self.test_metrics})
-        if dataloader_idx not in per_loader:
-            per_loader[dataloader_idx] = self.test_metrics.clone()
-            per_loader[dataloader_idx].reset()
-        return per_loader[dataloader_idx]
+        if dataloader_idx == 0:
+            return self.test_metrics
+        return self.test_metrics_per_dataloader[str(dataloader_idx)]  # type: ignore[return-value]
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         metrics = self._test_metrics_for(dataloader_idx)
         if self.test_time is None:
             return self._eval_step(batch, metrics, "test")
-        if dataloader_idx != self.__dict__.get("_last_test_dataloader", 0) and self.test_time.reset_between_dataloaders:
+        moved_on = dataloader_idx != self.__dict__.get("_last_test_dataloader", 0)
+        if moved_on and self.test_time.reset_between_dataloaders:
             self.test_time.reset()
         self.__dict__["_last_test_dataloader"] = dataloader_idx
         if self.test_time.needs_grad and torch.is_inference_mode_enabled():

@@ -50,3 +50,5 @@ def shared_data() -> Path:
 
 def pytest_configure(config):
     os.environ.setdefault("WANDB_SILENT", "true")
+    # the test models are tiny: one thread avoids oversubscribing a shared 2-core machine (much faster there)
+    torch.set_num_threads(1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from lightning_transfer._config import RecordsInitArgs
@@ -22,6 +23,8 @@ class TestTimeAdaptation(nn.Module, RecordsInitArgs):
 
     Args:
         episodic: restore the initial state before every batch instead of adapting online (continually).
+        reset_between_dataloaders: restore the initial state when testing moves on to the next test dataloader
+            (e.g. the next corruption type, the Tent/RobustBench protocol); ``False`` adapts continually across them.
     """
 
     __test__ = False  # not a pytest test class
@@ -29,9 +32,10 @@ class TestTimeAdaptation(nn.Module, RecordsInitArgs):
     #: the method takes gradient steps, so ``trainer.test`` must run with inference mode off
     needs_grad: ClassVar[bool] = True
 
-    def __init__(self, episodic: bool = False) -> None:
+    def __init__(self, episodic: bool = False, reset_between_dataloaders: bool = True) -> None:
         super().__init__()
         self.episodic = episodic
+        self.reset_between_dataloaders = reset_between_dataloaders
 
     def prepare(self, module: TransferModule, datamodule: Any) -> None:
         """Once, before testing: configure the model, collect statistics, save the state to reset to."""
@@ -42,3 +46,14 @@ class TestTimeAdaptation(nn.Module, RecordsInitArgs):
 
     def reset(self) -> None:
         """Restore the state saved by :meth:`prepare` (episodic mode, or between corruption types)."""
+
+    def fit_state_shapes(self, state: dict[str, Tensor]) -> None:
+        """Before loading ``state`` (keys relative to this module): give still-empty buffers the saved shapes.
+
+        Statistics computed in :meth:`prepare` (CAFA's class means and covariances) have shapes that depend on the
+        model and data, so they start empty and take their shape from the checkpoint that holds them.
+        """
+        for name, buffer in list(self.named_buffers()):
+            if buffer.numel() == 0 and name in state and state[name].shape != buffer.shape:
+                owner = self.get_submodule(name.rpartition(".")[0]) if "." in name else self
+                owner.register_buffer(name.rpartition(".")[2], torch.empty_like(state[name], device=buffer.device))

@@ -10,6 +10,14 @@ from lightning_transfer.backbones.cifar_resnet import CIFAR_RESNET_DEPTHS, CIFAR
 from lightning_transfer.registry import BACKBONES
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():  # a busy shared machine oversubscribed by torch's thread pool runs small models far slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _cifar_inputs(images: np.ndarray, backbone: CIFARResNet) -> torch.Tensor:
     cfg = backbone.data_config()
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0  # (N, 3, 32, 32)
