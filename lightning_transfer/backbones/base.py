@@ -27,6 +27,8 @@ class Backbone(nn.Module, RecordsInitArgs):
 
     #: True when ``embed`` returns (B, N, D) tokens that blocks read (ViT, CLIP, BERT); False for CNN stages.
     has_tokens: ClassVar[bool] = True
+    #: True when :meth:`run_block_with_queries` is implemented (extra query tokens, as VQT needs).
+    supports_queries: ClassVar[bool] = False
     #: Parameter-name prefixes that belong after the last block (final norm, pooling norm).
     final_prefixes: ClassVar[tuple[str, ...]] = ()
 
@@ -50,6 +52,41 @@ class Backbone(nn.Module, RecordsInitArgs):
         if attn_mask is not None:
             raise ValueError(f"{type(self).__name__} blocks do not take an attention mask")
         return self.blocks[index](tokens)
+
+    def run_block_with_queries(self, index: int, tokens: Tensor, queries: Tensor) -> tuple[Tensor, Tensor]:
+        """Run block ``index`` on ``tokens`` (B, N, D) plus extra ``queries`` (B, T, D) that read the tokens.
+
+        The queries attend to the original tokens only (not to themselves or each other) through the block's own
+        frozen attention and MLP; the tokens never see the queries, so ``tokens_out`` is exactly what
+        :meth:`run_block` computes. ``tokens_out`` is computed without gradient (nothing is recorded for backward
+        on the token path); only ``queries_out`` (B, T, D) carries gradients, to ``queries`` and nothing else.
+        This is what VQT (arXiv:2212.03220) needs.
+
+        Returns:
+            ``(tokens_out, queries_out)``, both taken after the full block (residuals included, no final norm).
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} ({self.identity()}) does not implement run_block_with_queries, so query-token "
+            "methods (VQT) cannot run on it: use a timm Vision Transformer backbone (TimmBackbone), or implement "
+            "run_block_with_queries for this backbone"
+        )
+
+    @torch.no_grad()
+    def hidden_states(self, x: Tensor, num_blocks: int | None = None) -> tuple[Tensor, ...]:
+        """Embedding output and the outputs of the first ``num_blocks`` blocks (default all), without gradient.
+
+        ``[0]`` is the embedding output, ``[i]`` the output of block ``i - 1``; nothing is recorded for backward, so
+        side-route methods (SHERL) read the frozen trunk at inference-time memory cost.
+        """
+        count = self.depth if num_blocks is None else num_blocks
+        if not 0 <= count <= self.depth:
+            raise ValueError(f"num_blocks must be in [0, {self.depth}] for {self.identity()}, got {num_blocks}")
+        tokens = self.embed(x)  # (B, N, D)
+        hidden = [tokens]
+        for i in range(count):
+            tokens = self.run_block(i, tokens)
+            hidden.append(tokens)
+        return tuple(hidden)
 
     def finalize(self, tokens: Tensor) -> Tensor:
         """Final norm after the last block (identity where the model has none)."""

@@ -7,10 +7,58 @@ from collections.abc import Sequence
 from typing import Any
 
 import timm
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_transfer.backbones.base import Backbone, load_into, read_state_dict
 from lightning_transfer.registry import register_backbone
+
+
+def _query_block_error(block: nn.Module) -> str | None:
+    """Why ``block`` cannot run extra query tokens (None when it can): only timm's pre-norm ``Block``/``Attention``."""
+    from timm.models.vision_transformer import Attention, Block
+
+    if type(block) is not Block:
+        return f"its blocks are {type(block).__name__}, not timm's pre-norm vision_transformer.Block"
+    if type(block.attn) is not Attention:
+        return f"its attention is {type(block.attn).__name__}, not timm's vision_transformer.Attention"
+    return None
+
+
+def _keys_values(block: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """Keys (after k_norm) and values of a timm ViT block's original rows: (B, N, D) -> 2 x (B, H, N, d)."""
+    attn = block.attn
+    b, n, _ = tokens.shape
+    width = attn.num_heads * attn.head_dim
+    bias = attn.qkv.bias[width:] if attn.qkv.bias is not None else None
+    kv = F.linear(block.norm1(tokens), attn.qkv.weight[width:], bias)  # (B, N, 2 * H * d)
+    k, v = kv.reshape(b, n, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    return attn.k_norm(k), v
+
+
+class _QueryAttention(torch.autograd.Function):
+    """Attention of query rows over frozen keys/values that saves the block input, not the keys and values.
+
+    Saving k and v would keep 2 x (B, H, N, d) per block (the whole qkv output, as views); the block input
+    (B, N, D) is half that, and backward recomputes k and v from it (one extra 2/3 qkv projection per block).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, tokens: Tensor, k: Tensor, v: Tensor, block: nn.Module) -> Tensor:
+        ctx.block = block
+        ctx.save_for_backward(q, tokens)
+        return F.scaled_dot_product_attention(q, k, v)  # (B, H, T, d)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None]:
+        q, tokens = ctx.saved_tensors
+        with torch.no_grad():
+            k, v = _keys_values(ctx.block, tokens)
+        with torch.enable_grad():
+            q = q.detach().requires_grad_(True)
+            (dq,) = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v), q, grad)
+        return dq, None, None, None, None
 
 
 def _family(model: nn.Module) -> str:
@@ -111,6 +159,51 @@ class TimmBackbone(Backbone):
         if not (self.family == "vit" and self._block_takes_mask):
             raise ValueError(f"blocks of {self.name} do not take an attention mask (upgrade timm for ViT masks)")
         return self.blocks[index](tokens, attn_mask=attn_mask)
+
+    @property
+    def supports_queries(self) -> bool:  # type: ignore[override]
+        return self.family == "vit" and _query_block_error(self.blocks[0]) is None
+
+    def run_block_with_queries(self, index: int, tokens: Tensor, queries: Tensor) -> tuple[Tensor, Tensor]:
+        """timm ViT block with query tokens, built from the block's own submodules (see the base class).
+
+        The token path is the plain block call itself under ``no_grad`` (so ``tokens_out`` is bit-identical to
+        :meth:`run_block`); a hook on ``attn.qkv`` keeps that call's keys and values, which the query rows read.
+        For backward only the block input is kept (B, N, D): the keys and values are recomputed from it.
+        Attention dropout is not applied to the query rows (the frozen backbone runs in eval mode anyway).
+        """
+        block = self.blocks[index]
+        reason = _query_block_error(block) if self.family == "vit" else "it is a CNN without tokens"
+        if reason is not None:
+            raise NotImplementedError(f"{self.identity()} cannot run query tokens: {reason}; use a plain timm ViT")
+        attn = block.attn
+        captured: list[Tensor] = []
+        handle = attn.qkv.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        try:
+            with torch.no_grad():  # the frozen token path records nothing for backward
+                tokens_out = block(tokens)  # (B, N, D), exactly the plain block
+        finally:
+            handle.remove()
+        b, n, _ = tokens.shape
+        t = queries.shape[1]
+        heads, head_dim = attn.num_heads, attn.head_dim
+        width = heads * head_dim
+        with torch.no_grad():
+            _, k, v = captured[0].reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, d)
+            k = attn.k_norm(k)
+        # query rows: the q slice of the frozen qkv projection; keys/values come from the original rows only
+        h = block.norm1(queries)  # (B, T, D)
+        bias = attn.qkv.bias[:width] if attn.qkv.bias is not None else None
+        q = F.linear(h, attn.qkv.weight[:width], bias).reshape(b, t, heads, head_dim).transpose(1, 2)  # (B, H, T, d)
+        q = attn.q_norm(q)
+        out = _QueryAttention.apply(q, tokens.detach(), k, v, block)  # (B, H, T, d)
+        out = attn.norm(out.transpose(1, 2).reshape(b, t, width))  # (B, T, H*d)
+        if getattr(attn, "gate", None) is not None:
+            out = out * attn.gate(h).sigmoid()
+        out = attn.proj_drop(attn.proj(out))  # (B, T, D)
+        queries = queries + block.drop_path1(block.ls1(out))
+        queries = queries + block.drop_path2(block.ls2(block.mlp(block.norm2(queries))))
+        return tokens_out, queries  # (B, N, D), (B, T, D)
 
     def finalize(self, tokens: Tensor) -> Tensor:
         if self.family == "vit":

@@ -75,10 +75,23 @@ def test_gradient_reaches_queries_only_and_trunk_records_nothing():
     assert queries.grad is not None and queries.grad.abs().sum() > 0
     assert tokens.grad is None, "the query path back-propagated into the original tokens"
     b, n = tokens.shape[:2]
-    heads = backbone.blocks[0].attn.num_heads
-    # only the keys and values (B, H, N, d) of the original rows are kept; nothing else spans the N tokens
+    # only the block input (B, N, D) is kept (keys and values are recomputed); nothing else spans the N tokens
     with_n = [s for s in saved if n in s[1:] and s[0] == b]
-    assert with_n == [(b, heads, n, backbone.embed_dim // heads)] * 2, with_n
+    assert with_n == [(b, n, backbone.embed_dim)], with_n
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_query_gradient_equals_masked_reference_gradient(name):
+    backbone, x, queries = _setup(name)
+    backbone.requires_grad_(False)
+    with torch.no_grad():
+        tokens = backbone.blocks[0](backbone.embed(x))
+    weights = torch.randn(queries.shape, generator=torch.Generator().manual_seed(5))
+    ours = queries.clone().requires_grad_(True)
+    (backbone.run_block_with_queries(1, tokens, ours)[1] * weights).sum().backward()
+    ref = queries.clone().requires_grad_(True)
+    (masked_concat_reference(backbone, 1, tokens, ref)[1] * weights).sum().backward()
+    torch.testing.assert_close(ours.grad, ref.grad, atol=1e-5, rtol=1e-5)
 
 
 def test_hidden_states_are_gradient_free_and_match_forward_tokens():
