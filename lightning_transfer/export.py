@@ -35,13 +35,14 @@ def export_checkpoint(ckpt_path: str, fmt: str, output: str) -> list[Path]:
         raise ValueError(f"unknown export format {fmt!r}; available: {', '.join(FORMATS)}")
     module = load_module(ckpt_path)
     if fmt == "peft":
-        if not hasattr(module.adaptation, "save_peft"):
+        save_peft = getattr(module.adaptation, "save_peft", None)
+        if save_peft is None:
             raise ValueError(f"{type(module.adaptation).__name__} is not a peft method, so it has no peft adapter "
                              "format: export with --format merged")
-        written = module.adaptation.save_peft(module.backbone, out)
+        written = save_peft(module.backbone, out)
     else:
-        backbone_state = module.adaptation.merged_backbone_state(module.backbone) if hasattr(
-            module.adaptation, "merged_backbone_state") else module.backbone.export_state_dict()
+        merge = getattr(module.adaptation, "merged_backbone_state", None)
+        backbone_state = merge(module.backbone) if merge is not None else module.backbone.export_state_dict()
         out.mkdir(parents=True, exist_ok=True)
         written = [out / "backbone.safetensors"]
         save_file({k: v.detach().cpu().contiguous() for k, v in backbone_state.items()}, str(written[0]))
