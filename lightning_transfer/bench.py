@@ -37,7 +37,7 @@ def strategy_config(name: str, config_dir: Path) -> Path:
 
 
 def _environment() -> dict[str, Any]:
-    versions = {}
+    versions: dict[str, str | None] = {}
     for package in PACKAGES:
         try:
             versions[package] = metadata.version(package)
@@ -86,7 +86,8 @@ def run_one(configs: list[str], overrides: list[str], seed: int, workdir: Path) 
     tested = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
     ckpt = workdir / "final.ckpt"
     cli.trainer.save_checkpoint(ckpt)
-    monitor = next(cb for cb in cli.trainer.callbacks if isinstance(cb, EfficiencyMonitor))
+    callbacks = cli.trainer.callbacks  # type: ignore[attr-defined]
+    monitor = next(cb for cb in callbacks if isinstance(cb, EfficiencyMonitor))
     m = monitor.metrics
     return {
         "top1": tested.get("test/acc"), "top5": tested.get("test/acc_top5"), "ece": tested.get("test/ece"),
@@ -111,12 +112,12 @@ def _worker(argv: list[str]) -> None:
 
 
 # ---- the table ----------------------------------------------------------------------------------------------
-def _mean(values: list[float]) -> float | None:
+def _mean(values: list[Any]) -> float | None:
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     return sum(values) / len(values) if values else None
 
 
-def _std(values: list[float]) -> float | None:
+def _std(values: list[Any]) -> float | None:
     values = [v for v in values if v is not None]
     if len(values) < 2:
         return 0.0 if values else None

@@ -124,8 +124,12 @@ class TransferModule(LightningModule):
         loss = self.adaptation.loss(logits, batch)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch[0]))
         self.train_metrics.update(logits.detach(), batch[1])
-        self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        # logged once per epoch, not per step: each self.log call costs milliseconds, which shows on small models
+        self.log_dict(self.train_metrics.compute())  # compute() already gathers across processes
+        self.train_metrics.reset()
 
     def _eval_step(self, batch: Any, metrics: MetricCollection, stage: str, logits: Tensor | None = None) -> Tensor:
         if logits is None:
@@ -190,7 +194,8 @@ class TransferModule(LightningModule):
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_scheduler_interval}}
+        interval = self.lr_scheduler_interval
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
     # ---- parameters and checkpoints ----------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:

@@ -26,7 +26,7 @@ def _query_block_error(block: nn.Module) -> str | None:
     return None
 
 
-def _keys_values(block: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor]:
+def _keys_values(block: Any, tokens: Tensor) -> tuple[Tensor, Tensor]:
     """Keys (after k_norm) and values of a timm ViT block's original rows: (B, N, D) -> 2 x (B, H, N, d)."""
     attn = block.attn
     b, n, _ = tokens.shape
@@ -99,7 +99,7 @@ class TimmBackbone(Backbone):
         if model_name not in timm.list_models() and not timm.is_model(model_name):
             close = timm.list_models(f"*{model_name.split('.')[0][:8]}*")[:8]
             raise ValueError(f"unknown timm model_name {model_name!r}; similar names: {close or 'none'}")
-        self.model = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **(model_kwargs or {}))
+        self.model: Any = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **(model_kwargs or {}))
         self.family = _family(self.model)
         if self.family == "unsupported":
             raise ValueError(

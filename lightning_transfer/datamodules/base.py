@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,38 +18,40 @@ def default_data_dir() -> str:
     return os.environ.get("LT_DATA_DIR", str(Path("~/.cache/lightning_transfer").expanduser()))
 
 
-def fewshot_indices(labels: Sequence[int], num_shots: int, seed: int, exclude: Sequence[int] = ()) -> list[int]:
+def fewshot_indices(
+    labels: Sequence[int] | np.ndarray, num_shots: int, seed: int, exclude: Sequence[int] = ()
+) -> list[int]:
     """``num_shots`` indices per class drawn without replacement with ``seed`` (all of a class if it has fewer).
 
     Same labels and seed -> same indices, on every platform (numpy's PCG64 stream is stable).
     """
     if num_shots < 1:
         raise ValueError(f"num_shots must be >= 1, got {num_shots}")
-    labels = np.asarray(labels)
+    label_array = np.asarray(labels)
     excluded = set(int(i) for i in exclude)
     rng = np.random.default_rng(seed)
     chosen: list[int] = []
-    for c in np.unique(labels):
-        pool = np.array([i for i in np.flatnonzero(labels == c) if int(i) not in excluded], dtype=np.int64)
+    for c in np.unique(label_array):
+        pool = np.array([i for i in np.flatnonzero(label_array == c) if int(i) not in excluded], dtype=np.int64)
         take = min(num_shots, len(pool))
         chosen.extend(int(i) for i in rng.choice(pool, size=take, replace=False))
     return sorted(chosen)
 
 
-def stratified_split(labels: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+def stratified_split(labels: Sequence[int] | np.ndarray, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Split indices into (rest, held_out) with ``fraction`` of every class held out."""
-    labels = np.asarray(labels)
+    label_array = np.asarray(labels)
     rng = np.random.default_rng(seed)
     held: list[int] = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
+    for c in np.unique(label_array):
+        idx = np.flatnonzero(label_array == c)
         n = int(round(len(idx) * fraction))
         held.extend(int(i) for i in rng.choice(idx, size=n, replace=False))
     held_set = set(held)
-    return [i for i in range(len(labels)) if i not in held_set], sorted(held)
+    return [i for i in range(len(label_array)) if i not in held_set], sorted(held)
 
 
-def split_digest(splits: dict[str, Sequence[Any]]) -> str:
+def split_digest(splits: Mapping[str, Sequence[Any]]) -> str:
     """A short hash of split membership, logged so two runs can prove they used the same data."""
     payload = json.dumps({k: [str(x) for x in v] for k, v in sorted(splits.items())}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

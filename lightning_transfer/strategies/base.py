@@ -119,10 +119,11 @@ class AdaptationStrategy(nn.Module, RecordsInitArgs):
 
         A group may carry ``lr_scale``; the module multiplies the optimizer's learning rate by it.
         """
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for name, p in self.named_trainable(backbone, head):
             (no_decay if no_weight_decay(name, p) else decay).append(p)
-        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups: list[dict[str, Any]] = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
         return [g for g in groups if g["params"]]
 
     def extra_repr(self) -> str:
