@@ -20,6 +20,9 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(PY) scripts/demo.py
 
+bench: install
+	$(PY) scripts/bench_digits.py
+
 test: install
 	$(PY) -m pytest -q
 
