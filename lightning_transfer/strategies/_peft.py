@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_transfer.backbones.base import Backbone
+from lightning_transfer.strategies.base import AdaptationStrategy
 
 # peft writes adapter weights under this prefix (PeftModel.base_model.model.<path>)
 PEFT_KEY_PREFIX = "base_model.model."
@@ -234,3 +235,24 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, set):
         return sorted(value)
     return str(value)
+
+
+class PeftInjected(AdaptationStrategy):
+    """Shared surface of strategies whose modules peft injects into the backbone (LoRA, PeftMethod).
+
+    Subclasses set ``self.peft_config`` in ``_attach``; training mode, merged export and peft export follow from it.
+    """
+
+    peft_config: Any
+
+    def set_train_mode(self, backbone: Backbone, head: nn.Module | None, mode: bool) -> None:
+        super().set_train_mode(backbone, head, mode)
+        set_injected_train_mode(backbone, mode)
+
+    def merged_backbone_state(self, backbone: Backbone) -> dict[str, Tensor]:
+        """The backbone's weights with the injected modules merged in, in the layout ``checkpoint_path`` loads."""
+        return merged_copy(backbone).export_state_dict()
+
+    def save_peft(self, backbone: Backbone, output: Path) -> list[Path]:
+        """peft's adapter format for the wrapped library model (``PeftModel.from_pretrained`` loads it)."""
+        return save_peft_adapter(backbone, self.peft_config, output)

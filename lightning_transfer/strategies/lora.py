@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 from torch import Tensor, nn
@@ -10,13 +9,11 @@ from torch import Tensor, nn
 from lightning_transfer.backbones.base import Backbone
 from lightning_transfer.registry import register_strategy
 from lightning_transfer.strategies._peft import (
+    PeftInjected,
     expand_targets,
-    merged_copy,
     qv_targets,
-    save_peft_adapter,
-    set_injected_train_mode,
 )
-from lightning_transfer.strategies.base import AdaptationStrategy, freeze
+from lightning_transfer.strategies.base import freeze
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
@@ -30,7 +27,7 @@ def lora_delta(lora_a: Tensor, lora_b: Tensor, scaling: float) -> Tensor:
 
 
 @register_strategy("lora")
-class LoRA(AdaptationStrategy):
+class LoRA(PeftInjected):
     """Low-rank adaptation of frozen linear (and conv) weights via peft (LoRA, arXiv:2106.09685; DoRA, 2402.09353).
 
     ``h = W0 x + (alpha / r) B A dropout(x)`` with ``B = 0`` at init, so the model is unchanged before training.
@@ -113,15 +110,3 @@ class LoRA(AdaptationStrategy):
     def scaling(self) -> float:
         return lora_scaling(self.r, self.alpha, self.use_rslora)
 
-    def set_train_mode(self, backbone: Backbone, head: nn.Module | None, mode: bool) -> None:
-        super().set_train_mode(backbone, head, mode)
-        set_injected_train_mode(backbone, mode)
-
-    # ---- export -------------------------------------------------------------------------------------------
-    def merged_backbone_state(self, backbone: Backbone) -> dict[str, Tensor]:
-        """The backbone's weights with ``(alpha / r) B A`` folded in, in the layout ``checkpoint_path`` loads."""
-        return merged_copy(backbone).export_state_dict()
-
-    def save_peft(self, backbone: Backbone, output: Path) -> list[Path]:
-        """peft's adapter format for the wrapped library model (loadable with ``PeftModel.from_pretrained``)."""
-        return save_peft_adapter(backbone, self.peft_config, output)

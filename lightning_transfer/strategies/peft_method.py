@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
 from lightning_transfer.backbones.base import Backbone
 from lightning_transfer.registry import register_strategy
 from lightning_transfer.strategies._peft import (
+    PeftInjected,
     expand_targets,
-    merged_copy,
     qv_targets,
-    save_peft_adapter,
-    set_injected_train_mode,
 )
-from lightning_transfer.strategies.base import AdaptationStrategy, freeze
+from lightning_transfer.strategies.base import freeze
 
 # config keys that hold module names and so accept the same shorthands as ``target_modules``
 _MODULE_LIST_KEYS = ("target_modules", "feedforward_modules")
@@ -62,7 +59,7 @@ def _constructible(cls: type) -> bool:
 
 
 @register_strategy("peft_method")
-class PeftMethod(AdaptationStrategy):
+class PeftMethod(PeftInjected):
     """Any in-place peft tuner chosen by name and a config dict, e.g. IA3 (arXiv:2205.05638), LoHa/LoKr (2309.14859).
 
     New peft methods need no code here: ``method: LOKR, config: {r: 8, target_modules: qv}``. The config is peft's
@@ -121,14 +118,3 @@ class PeftMethod(AdaptationStrategy):
         self.peft_config = peft_config_from_dict(self.method, config)
         inject_adapter_in_model(self.peft_config, backbone)
 
-    def set_train_mode(self, backbone: Backbone, head: nn.Module | None, mode: bool) -> None:
-        super().set_train_mode(backbone, head, mode)
-        set_injected_train_mode(backbone, mode)
-
-    def merged_backbone_state(self, backbone: Backbone) -> dict[str, Tensor]:
-        """The backbone's weights with the method merged in (peft's ``merge``), in the ``checkpoint_path`` layout."""
-        return merged_copy(backbone).export_state_dict()
-
-    def save_peft(self, backbone: Backbone, output: Path) -> list[Path]:
-        """peft's adapter format for the wrapped library model (``PeftModel.from_pretrained`` loads it)."""
-        return save_peft_adapter(backbone, self.peft_config, output)
