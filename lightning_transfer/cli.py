@@ -103,7 +103,10 @@ class TransferCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"save_to_log_dir": False})
         kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"})
         kwargs.setdefault("parser_class", TransferArgumentParser)
-        args = resolve_registry_names(sys.argv[1:] if args is None else list(args))
+        if args is None:  # the real command line: rewrite it in place (passing it as args too makes Lightning warn)
+            sys.argv[1:] = resolve_registry_names(sys.argv[1:])
+        else:
+            args = resolve_registry_names(list(args))
         super().__init__(TransferModule, TransferDataModule, subclass_mode_data=True, args=args, run=run, **kwargs)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
@@ -156,6 +159,7 @@ def _export(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "list":
         print(list_components())
@@ -169,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         bench_main(argv[1:])
         return
     default_wandb_mode()
-    TransferCLI(args=argv)
+    TransferCLI(args=None if from_command_line else argv)
 
 
 if __name__ == "__main__":

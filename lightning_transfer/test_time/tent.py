@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from torch import Tensor
 
 from lightning_transfer.registry import register_test_time
-from lightning_transfer.test_time._norm import NormAffineAdaptation, NormKind
+from lightning_transfer.test_time._norm import NormAffineAdaptation
 
 
 def softmax_entropy(logits: Tensor) -> Tensor:
@@ -39,20 +37,7 @@ class Tent(NormAffineAdaptation):
         steps: gradient steps per batch (official default 1).
     """
 
-    def __init__(
-        self,
-        episodic: bool = False,
-        reset_between_dataloaders: bool = True,
-        norm: NormKind = "auto",
-        optimizer: Literal["adam", "sgd"] = "adam",
-        lr: float = 1e-3,
-        momentum: float = 0.9,
-        betas: tuple[float, float] = (0.9, 0.999),
-        weight_decay: float = 0.0,
-        steps: int = 1,
-    ) -> None:
-        super().__init__(episodic, reset_between_dataloaders, norm, optimizer, lr, momentum, betas, weight_decay,
-                         steps)
+    # the constructor is NormAffineAdaptation's: Tent only changes the loss
 
     def loss(self, features: Tensor, logits: Tensor) -> Tensor:
         return softmax_entropy(logits).mean()
