@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fewshot_accuracy import source_backbone  # same folder: the quickstart source ViT, built once
 
 REPO = Path(__file__).resolve().parents[1]
 VIT_B = {"model_name": "vit_base_patch16_224"}
@@ -144,21 +145,6 @@ def merged(device: str, batch: int, rounds: int) -> None:
     print(f"merged / plain throughput = {plain_s / merged_s:.3f} (issue target >= 0.95)")
 
 
-def _source_backbone(path: str | None) -> str:
-    if path:
-        return path
-    found = sorted(REPO.glob("runs/quickstart/*/source_backbone/backbone.safetensors"))
-    if found:
-        return str(found[-1])
-    from lightning_transfer.cli import TransferCLI, main
-
-    out = REPO / "runs/quickstart" / time.strftime("%Y%m%d-%H%M%S")
-    cli = TransferCLI(args=["fit", "--config", str(REPO / "configs/quickstart_source.yaml"), "--trainer.logger=false"])
-    main(["export", "--ckpt_path", cli.trainer.checkpoint_callback.last_model_path, "--format", "merged",
-          "--output", str(out / "source_backbone")])
-    return str(out / "source_backbone" / "backbone.safetensors")
-
-
 def _fit_digits(label: str, lr: float, seed: int, source: str, shots: int, epochs: int) -> tuple[float, float]:
     from lightning.pytorch import Trainer, seed_everything
 
@@ -184,7 +170,7 @@ def digits(source: str | None, shots: int, epochs: int, seeds: list[int], lrs: l
            labels: list[str]) -> None:
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    path = _source_backbone(source)
+    path = source_backbone(source)
     shown = Path(path).relative_to(REPO) if Path(path).is_relative_to(REPO) else path
     print(f"\n== digits 5-9, {shots} shots/class, data seeds {seeds}, {epochs} epochs, source model {shown} ==")
     print(f"lr per strategy picked from {lrs} by validation accuracy summed over the seeds")

@@ -96,7 +96,7 @@ class TimmBackbone(Backbone):
         data_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if model_name not in timm.list_models() and not timm.is_model(model_name):
+        if not timm.is_model(model_name):  # accepts pretrained tags (name.tag); no scan of the model list
             close = timm.list_models(f"*{model_name.split('.')[0][:8]}*")[:8]
             raise ValueError(f"unknown timm model_name {model_name!r}; similar names: {close or 'none'}")
         self.model: Any = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **(model_kwargs or {}))
