@@ -1,0 +1,207 @@
+"""Datasets given as lists of (image file, label): the shared base of the benchmark datamodules.
+
+:class:`FileListDataModule` turns per-split sample lists into loaders with the backbone's transforms, K-shot
+sampling, an optional in-memory uint8 cache and a logged hash of the split membership. A subclass only says where
+the samples are (:meth:`FileListDataModule.load_samples`) and what the classes are called.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from lightning_transfer.datamodules.base import TransferDataModule, fewshot_indices, split_digest, stratified_split
+
+Sample = tuple[str, int]
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """Open an image as RGB; a missing or corrupt file raises an error that names it."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file {str(path)!r} not found (listed in the split, missing on disk)") from None
+    except Exception as e:  # PIL raises several types for truncated or non-image files
+        raise RuntimeError(f"cannot read image {str(path)!r}: {e}; re-download or remove it from the split") from e
+
+
+def check_labels(samples: Sequence[Sample], num_classes: int, source: str) -> None:
+    """Every label must be in ``[0, num_classes)``; the error names the first bad file."""
+    for path, label in samples:
+        if not 0 <= int(label) < num_classes:
+            raise ValueError(f"{source}: label {label} of {path!r} is outside the {num_classes} classes "
+                             f"(0..{num_classes - 1}); fix the split file or the class list")
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursively), sorted, so the order never depends on the file system."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+class ImageList(Dataset):
+    """(path, label) pairs read with PIL and passed through ``transform``."""
+
+    def __init__(self, samples: Sequence[Sample], transform: Any = None) -> None:
+        self.samples = [(str(p), int(y)) for p, y in samples]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        path, label = self.samples[index]
+        image = read_image(path)
+        return (self.transform(image) if self.transform is not None else image), label
+
+
+def eval_geometry(data_config: dict[str, Any]) -> tuple[int, int, int]:
+    """(resize size of the shorter side, crop height, crop width) of timm's evaluation transform."""
+    _, h, w = data_config["input_size"]
+    crop_pct = float(data_config.get("crop_pct") or 1.0)
+    return math.floor(min(h, w) / crop_pct), h, w
+
+
+def decode_uint8(path: str, data_config: dict[str, Any]) -> Tensor:
+    """One image resized (shorter side) and centre-cropped like the evaluation transform: (3, H, W) uint8."""
+    from torchvision.transforms import CenterCrop, InterpolationMode, Resize
+
+    size, h, w = eval_geometry(data_config)
+    mode = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
+            "nearest": InterpolationMode.NEAREST}.get(str(data_config.get("interpolation", "bilinear")),
+                                                      InterpolationMode.BILINEAR)
+    image = CenterCrop((h, w))(Resize(size, interpolation=mode)(read_image(path)))
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+class UInt8Cache(Dataset):
+    """Images decoded and resized once into one (N, 3, H, W) uint8 tensor; normalised (and flipped) per item.
+
+    The evaluation view equals timm's evaluation transform (resize, centre crop, normalise); the training view adds
+    only a random horizontal flip, since random-resized-crop would need the full-size image. 224x224 costs
+    150 KB per image: fine for VTAB-1k (1,000 images) and K-shot sets, not for ImageNet.
+    """
+
+    def __init__(self, samples: Sequence[Sample], data_config: dict[str, Any], flip: bool = False,
+                 images: Tensor | None = None) -> None:
+        self.samples = [(str(p), int(y)) for p, y in samples]
+        self.images = images if images is not None else torch.stack([decode_uint8(p, data_config)
+                                                                     for p, _ in self.samples])
+        self.labels = torch.tensor([y for _, y in self.samples], dtype=torch.long)
+        self.mean = torch.tensor(data_config["mean"], dtype=torch.float32).view(-1, 1, 1) * 255.0
+        self.std = torch.tensor(data_config["std"], dtype=torch.float32).view(-1, 1, 1) * 255.0
+        self.flip = flip
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        x = self.images[index]
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return (x.float() - self.mean) / self.std, self.labels[index]
+
+
+class FileListDataModule(TransferDataModule):
+    """Base of the datamodules whose splits are lists of image files.
+
+    Subclasses implement :meth:`load_samples` (``{"train": [...], "val": [...], "test": [...]}`` of
+    ``(path, label)``; ``val`` and ``test`` may be missing) and :attr:`class_names`, and may set :attr:`variant`
+    (the protocol's name, logged with the split hash). Without a ``val`` list, ``val_fraction`` of every training
+    class (fixed seed 0) is held out; without ``test``, validation doubles as test. With ``num_shots`` the training
+    set has K images per class (drawn with ``seed``) and validation ``min(K, 4)`` per class, as in CoOp.
+
+    Args:
+        augment: timm's random-resized-crop + flip on the training set (flip only with ``cache_images``).
+        cache_images: decode and resize every image once into an in-memory uint8 tensor (small datasets).
+        val_fraction: share of each training class held out for validation when the data has no validation list.
+        **kwargs: see :class:`TransferDataModule`.
+    """
+
+    variant: str = ""
+
+    def __init__(
+        self,
+        augment: bool = True,
+        cache_images: bool = False,
+        val_fraction: float = 0.1,
+        data_dir: str | None = None,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        num_shots: int | None = None,
+        seed: int = 1,
+        data_config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(data_dir, batch_size, num_workers, num_shots, seed, data_config)
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        self.augment, self.cache_images, self.val_fraction = augment, cache_images, val_fraction
+        self.samples: dict[str, list[Sample]] = {}
+
+    def load_samples(self) -> dict[str, list[Sample]]:
+        raise NotImplementedError
+
+    def _resolve_splits(self, raw: dict[str, list[Sample]]) -> dict[str, list[Sample]]:
+        if "train" not in raw:
+            raise ValueError(f"{type(self).__name__}.load_samples() returned no 'train' list")
+        train, val = list(raw["train"]), list(raw.get("val") or [])
+        if not val:
+            rest, held = stratified_split([y for _, y in train], self.val_fraction, seed=0)
+            train, val = [train[i] for i in rest], [train[i] for i in held]
+        if self.num_shots:
+            train = [train[i] for i in fewshot_indices([y for _, y in train], self.num_shots, self.seed)]
+            val = [val[i] for i in fewshot_indices([y for _, y in val], min(self.num_shots, 4), self.seed)]
+        test = list(raw.get("test") or val)
+        return {"train": train, "val": val, "test": test}
+
+    def _dataset(self, samples: list[Sample], training: bool) -> Dataset:
+        from lightning_transfer.datamodules.folder import build_transform
+
+        cfg = self.data_config()
+        if self.cache_images:
+            return UInt8Cache(samples, cfg, flip=training and self.augment)
+        return ImageList(samples, build_transform(cfg, training, self.augment))
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        names = self.class_names
+        self.samples = self._resolve_splits(self.load_samples())
+        for split, samples in self.samples.items():
+            check_labels(samples, len(names), f"{type(self).__name__} {split} split")
+        self.splits = {k: [p for p, _ in v] for k, v in self.samples.items()}
+        same_test = self.samples["test"] is self.samples["val"] or self.samples["test"] == self.samples["val"]
+        self.datasets = {"train": self._dataset(self.samples["train"], True),
+                         "val": self._dataset(self.samples["val"], False)}
+        self.datasets["test"] = self.datasets["val"] if same_test else self._dataset(self.samples["test"], False)
+        self.log_split_digest()
+
+    def split_info(self) -> dict[str, Any]:
+        """Hash of the split membership (relative paths and labels) and the protocol variant."""
+        rel = {k: [f"{self._relative(p)}:{y}" for p, y in v] for k, v in self.samples.items()}
+        return {"data/split_digest": split_digest(rel), "data/name": type(self).__name__,
+                "data/variant": self.variant or "default",
+                **{f"data/num_{k}": len(v) for k, v in self.samples.items()}}
+
+    def _relative(self, path: str) -> str:
+        root = getattr(self, "root", None)
+        try:
+            return str(Path(path).relative_to(root)) if root is not None else str(path)
+        except ValueError:
+            return str(path)
+
+    def log_split_digest(self) -> None:
+        if self.trainer is None or not self.samples:
+            return
+        info = self.split_info()
+        for logger in self.trainer.loggers:
+            logger.log_hyperparams(info)

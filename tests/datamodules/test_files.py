@@ -1,0 +1,79 @@
+"""The file-list base: K-shot and validation splits, the uint8 cache, split hashes, and errors naming the file."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lightning_transfer.datamodules.files import FileListDataModule, ImageList, UInt8Cache
+from lightning_transfer.datamodules.folder import build_transform
+
+CFG = {"input_size": (3, 32, 32), "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3), "crop_pct": 0.875,
+       "interpolation": "bicubic"}
+
+
+def _images(root, classes=3, per_class=10):
+    rng = np.random.default_rng(0)
+    samples = []
+    for c in range(classes):
+        for i in range(per_class):
+            path = root / f"c{c}_{i}.png"
+            Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(path)
+            samples.append((str(path), c))
+    return samples
+
+
+class _List(FileListDataModule):
+    def __init__(self, samples, names=("a", "b", "c"), **kwargs):
+        super().__init__(data_config=CFG, **kwargs)
+        self._samples, self._names, self.root = samples, list(names), None
+
+    @property
+    def class_names(self):
+        return self._names
+
+    def load_samples(self):
+        return self._samples
+
+
+def test_cache_equals_the_evaluation_transform(tmp_path):
+    samples = _images(tmp_path, classes=1, per_class=3)
+    cached = UInt8Cache(samples, CFG)
+    plain = ImageList(samples, build_transform(CFG, training=False, augment=True))
+    assert cached.images.dtype == torch.uint8 and cached.images.shape == (3, 3, 32, 32)
+    for i in range(3):
+        assert torch.allclose(cached[i][0], plain[i][0], atol=1e-5)
+        assert int(cached[i][1]) == plain[i][1]
+
+
+def test_kshot_train_and_val_and_digest(tmp_path):
+    samples = _images(tmp_path)
+    dm = _List({"train": samples}, num_shots=2, seed=3, data_dir=str(tmp_path / "d"))
+    dm.setup()
+    counts = np.bincount([y for _, y in dm.samples["train"]])
+    assert counts.tolist() == [2, 2, 2]
+    assert not set(dm.samples["train"]) & set(dm.samples["val"])  # validation is held out before the K-shot draw
+    assert dm.datasets["test"] is dm.datasets["val"]
+    again = _List({"train": samples}, num_shots=2, seed=3, data_dir=str(tmp_path / "d"))
+    again.setup()
+    other = _List({"train": samples}, num_shots=2, seed=4, data_dir=str(tmp_path / "d"))
+    other.setup()
+    assert again.split_info()["data/split_digest"] == dm.split_info()["data/split_digest"]
+    assert other.split_info()["data/split_digest"] != dm.split_info()["data/split_digest"]
+
+
+def test_label_outside_the_classes_names_the_file(tmp_path):
+    samples = _images(tmp_path, classes=2, per_class=3)
+    bad = [*samples, (samples[0][0].replace("c0_0", "c9_9"), 7)]
+    with pytest.raises(ValueError, match=r"label 7 of .*c9_9\.png.* outside the 3 classes"):
+        _List({"train": samples, "test": bad}).setup()
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    samples = _images(tmp_path, classes=1, per_class=2)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    with pytest.raises(RuntimeError, match="broken.png"):
+        ImageList([(str(broken), 0)])[0]
+    with pytest.raises(FileNotFoundError, match="gone.png"):
+        UInt8Cache([*samples, (str(tmp_path / "gone.png"), 0)], CFG)
