@@ -104,7 +104,13 @@ def _worker(argv: list[str]) -> None:
     spec = json.loads(argv[0])
     row: dict[str, Any] = {"strategy": spec["strategy"], "seed": spec["seed"], **_environment()}
     try:
-        row.update(run_one(spec["configs"], spec["overrides"], spec["seed"], Path(spec["workdir"])))
+        if spec.get("kind") == "tta":
+            from lightning_transfer.bench_tta import run_tta
+
+            row.update(run_tta(spec["configs"], spec["overrides"], spec["seed"], Path(spec["workdir"]), spec["ckpt"],
+                               spec["fit"]))
+        else:
+            row.update(run_one(spec["configs"], spec["overrides"], spec["seed"], Path(spec["workdir"])))
         row["status"] = "ok"
     except Exception as err:  # recorded in the row; the other strategies go on
         row.update(status="error", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
@@ -214,13 +220,52 @@ def log_wandb_table(table: list[dict[str, Any]], out: Path) -> str | None:
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m lightning_transfer bench", description=__doc__.splitlines()[0])
     p.add_argument("--config", action="append", required=True, help="base config(s), composed in order")
-    p.add_argument("--strategies", required=True, help="comma-separated registry names, or 'all'")
+    p.add_argument("--strategies", help="comma-separated registry names, or 'all'")
+    p.add_argument("--test-time", help="comma-separated test-time methods (e.g. bn_adapt,tent,cafa) or 'all': "
+                   "error per test set of the source model without and with each method")
+    p.add_argument("--ckpt_path", help="with --test-time: the source checkpoint (default: fit the base config)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 1..N (trainer seed and K-shot draw)")
     p.add_argument("--output", required=True, help="result folder; rerunning with it skips finished rows")
     p.add_argument("--strategy-configs", default="configs/strategy", help="folder of <name>.yaml strategy configs")
+    p.add_argument("--test-time-configs", default="configs/test_time", help="folder of <name>.yaml method configs")
     p.add_argument("--no-wandb", action="store_true", help="do not log the table to W&B")
     p.add_argument("overrides", nargs="*", help="extra --key=value overrides after '--', applied to every run")
     return p.parse_args(argv)
+
+
+def run_jobs(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run each job in a subprocess unless its row finished before; a job that dies leaves an error row."""
+    rows = []
+    for spec in specs:
+        row_path, label = Path(spec["row"]), f"{spec['strategy']} seed {spec['seed']}"
+        if not row_path.is_file() or json.loads(row_path.read_text()).get("status") != "ok":
+            print(f"bench: {label} ...", flush=True)
+            proc = subprocess.run([sys.executable, "-m", "lightning_transfer", "bench", "--worker", json.dumps(spec)],
+                                  env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            if not row_path.is_file():  # the worker died before writing (killed, out of memory)
+                row_path.write_text(json.dumps({"strategy": spec["strategy"], "seed": spec["seed"], "status": "error",
+                                                "error": f"worker exited with code {proc.returncode}"}))
+        else:
+            print(f"bench: {label} done before, skipped", flush=True)
+        rows.append(json.loads(row_path.read_text()))
+    return rows
+
+
+def _bench_test_time(args: argparse.Namespace, out: Path) -> None:
+    from lightning_transfer import bench_tta
+    from lightning_transfer.registry import TEST_TIME
+
+    names = TEST_TIME.names() if args.test_time == "all" else [s.strip() for s in args.test_time.split(",") if s]
+    bench_tta.check_methods(names)
+    if args.ckpt_path and not Path(args.ckpt_path).is_file():
+        raise SystemExit(f"bench: --ckpt_path {args.ckpt_path!r} does not exist")
+    specs = bench_tta.jobs(names, args.seeds, args.config, Path(args.test_time_configs), out, args.overrides,
+                           args.ckpt_path)
+    methods = list(dict.fromkeys(spec["strategy"] for spec in specs))
+    table, sets = bench_tta.aggregate_tta(run_jobs(specs), methods)
+    bench_tta.write_tta_tables(table, sets, out)
+    print((out / "results_tta.md").read_text())
+    print(f"wrote {out / 'results_tta.csv'}, {out / 'results_tta.md'}")
 
 
 def main(argv: list[str]) -> None:
@@ -228,34 +273,30 @@ def main(argv: list[str]) -> None:
         _worker(argv[1:])
         return
     args = parse(argv)
-    names = STRATEGIES.names() if args.strategies == "all" else [s.strip() for s in args.strategies.split(",") if s]
-    unknown = [n for n in names if n not in STRATEGIES]
-    if unknown:
-        raise SystemExit(f"bench: {STRATEGIES.unknown_message(unknown[0])}")
+    if not args.strategies and not args.test_time:
+        raise SystemExit("bench: pass --strategies (fit and compare) or --test-time (adapt a source model)")
     for config in args.config:
         if not Path(config).is_file():
             raise SystemExit(f"bench: config {config!r} does not exist")
+    names = [] if not args.strategies else (
+        STRATEGIES.names() if args.strategies == "all" else [s.strip() for s in args.strategies.split(",") if s])
+    unknown = [n for n in names if n not in STRATEGIES]
+    if unknown:
+        raise SystemExit(f"bench: {STRATEGIES.unknown_message(unknown[0])}")
     strategy_dir = Path(args.strategy_configs)
-    configs = {n: [*args.config, str(strategy_config(n, strategy_dir))] for n in names}
+    for name in names:
+        strategy_config(name, strategy_dir)  # a missing YAML fails before anything runs
     out = Path(args.output)
     (out / "rows").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name in names:
-        for seed in range(1, args.seeds + 1):
-            row_path = out / "rows" / f"{name}_seed{seed}.json"
-            if not row_path.is_file() or json.loads(row_path.read_text()).get("status") != "ok":
-                print(f"bench: {name} seed {seed} ...", flush=True)
-                spec = {"strategy": name, "seed": seed, "configs": configs[name], "overrides": args.overrides,
-                        "workdir": str(out / "runs" / f"{name}_seed{seed}"), "row": str(row_path)}
-                proc = subprocess.run([sys.executable, "-m", "lightning_transfer", "bench", "--worker",
-                                       json.dumps(spec)], env={**os.environ, "PYTHONWARNINGS": "ignore"})
-                if not row_path.is_file():  # the worker died before writing (killed, out of memory)
-                    row_path.write_text(json.dumps({"strategy": name, "seed": seed, "status": "error",
-                                                    "error": f"worker exited with code {proc.returncode}"}))
-            else:
-                print(f"bench: {name} seed {seed} done before, skipped", flush=True)
-            rows.append(json.loads(row_path.read_text()))
-    table = aggregate(rows, names)
+    if args.test_time:
+        _bench_test_time(args, out)
+    if not names:
+        return
+    specs = [{"strategy": name, "seed": seed, "configs": [*args.config, str(strategy_config(name, strategy_dir))],
+              "overrides": args.overrides, "workdir": str(out / "runs" / f"{name}_seed{seed}"),
+              "row": str(out / "rows" / f"{name}_seed{seed}.json")}
+             for name in names for seed in range(1, args.seeds + 1)]
+    table = aggregate(run_jobs(specs), names)
     write_tables(table, out)
     plotted = plot_pareto(table, out / "pareto.png")
     print((out / "results.md").read_text())

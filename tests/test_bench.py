@@ -55,3 +55,46 @@ def test_bench_runs_records_errors_and_resumes(tmp_path, capsys):
     argv[argv.index("linear_probe,partial_freeze")] = "linear_probe"
     main(argv)  # rerun with the same output: the finished row is skipped (a failed one would be tried again)
     assert "linear_probe seed 1 done before, skipped" in capsys.readouterr().out
+
+
+TTA_BASE = """\
+trainer: {max_epochs: 1, accelerator: cpu, logger: false, enable_checkpointing: false}
+model:
+  backbone: {class_path: lightning_transfer.backbones.cifar_resnet.CIFARResNet20}
+  adaptation: {class_path: LinearProbe}
+data:
+  class_path: lightning_transfer.datamodules.corruption.NpzImages
+  init_args: {data_dir: DATA, train_file: train.npz, test_file: test.npz, corruptions: [gaussian_noise, fog],
+              severities: [1], batch_size: 20, val_fraction: 0.2}
+"""
+
+
+def test_bench_test_time_methods_error_per_corruption(tmp_path, capsys):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 40), ("test", 20)):
+        np.savez(tmp_path / f"{name}.npz", x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                 y=np.arange(n) % 10)
+    base = tmp_path / "tta.yaml"
+    base.write_text(TTA_BASE.replace("DATA", str(tmp_path)))
+    out = tmp_path / "out"
+    argv = ["--config", str(base), "--test-time", "bn_adapt,tent", "--seeds", "1", "--output", str(out),
+            "--test-time-configs", str(REPO / "configs/test_time"), "--no-wandb"]
+    with pytest.raises(SystemExit, match="unknown test-time method 'tentt'"):
+        main([*argv[:3], "tentt", *argv[4:]])
+    main(argv)
+    with open(out / "results_tta.csv") as f:
+        table = {r["method"]: r for r in csv.DictReader(f)}
+    assert list(table) == ["source", "bn_adapt", "tent"]
+    for row in table.values():
+        assert row["error"] == "" and row["seeds"] == "1", row
+        errors = [float(row["gaussian_noise-1"]), float(row["fog-1"])]
+        assert all(0 <= e <= 1 for e in errors) and float(row["mean_error"]) == pytest.approx(sum(errors) / 2)
+    source = json.loads((out / "rows" / "tta_source_seed1.json").read_text())
+    tent = json.loads((out / "rows" / "tta_tent_seed1.json").read_text())
+    assert source["source_checkpoint"].endswith("source.ckpt") and "Tent" in tent["config"]
+    assert "Tent" not in source["config"]
+    capsys.readouterr()
+    main(argv)
+    assert "tent seed 1 done before, skipped" in capsys.readouterr().out

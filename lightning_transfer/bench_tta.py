@@ -1,0 +1,121 @@
+"""Test-time methods in the comparison runner: error per corruption and mean, one row per method.
+
+``python -m lightning_transfer bench --config tta.yaml --test-time bn_adapt,tent,cafa --output DIR`` first gets a
+source model per seed (``--ckpt_path`` given: that checkpoint; otherwise the base config is fitted once and saved),
+then tests it on every test dataloader of the (corruption) datamodule without adaptation (the ``source`` row) and
+with each method (its ``configs/test_time/<name>.yaml`` merged over the base). Each job runs in its own subprocess
+and writes one JSON row; a rerun with the same ``--output`` skips finished rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from lightning_transfer.registry import TEST_TIME
+
+SOURCE = "source"
+
+
+def test_time_config(name: str, config_dir: Path) -> Path:
+    path = config_dir / f"{name}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"test-time method {name!r} has no config {path}: write one (see configs/test_time/)")
+    return path
+
+
+def check_methods(names: list[str]) -> None:
+    unknown = [n for n in names if n != SOURCE and n not in TEST_TIME]
+    if unknown:
+        raise SystemExit(f"bench: {TEST_TIME.unknown_message(unknown[0])}")
+
+
+def _accuracy_key(result: dict[str, float], index: int, count: int) -> str:
+    return "test/acc" if count == 1 else f"test/acc/dataloader_idx_{index}"
+
+
+def run_tta(configs: list[str], overrides: list[str], seed: int, workdir: Path, ckpt: str | None,
+            fit: bool) -> dict[str, Any]:
+    """Test one method (its config is the last of ``configs``) on every test dataloader; fit first if ``fit``."""
+    from lightning_transfer.cli import TransferCLI
+
+    args = [item for c in configs for item in ("--config", c)] + list(overrides)
+    args += [f"--seed_everything={seed}", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+             "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={workdir}"]
+    cli = TransferCLI(args=args, run=False)
+    row: dict[str, Any] = {}
+    if fit:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        ckpt = str(workdir / "source.ckpt")
+        cli.trainer.save_checkpoint(ckpt)
+        row["source_checkpoint"] = ckpt
+    results = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, verbose=False)
+    names = list(getattr(cli.datamodule, "test_names", None) or [str(i) for i in range(len(results))])
+    if len(names) != len(results):
+        names = [str(i) for i in range(len(results))]
+    errors = {name: 1.0 - float(r[_accuracy_key(r, i, len(results))]) for i, (name, r) in
+              enumerate(zip(names, results))}
+    row.update(errors=errors, mean_error=sum(errors.values()) / len(errors),
+               config=cli.parser.dump(cli.config, skip_none=False, format="yaml"))
+    return row
+
+
+def aggregate_tta(rows: list[dict[str, Any]], methods: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+    """One line per method: error per test set and the mean, averaged over the seeds that finished."""
+    from lightning_transfer.bench import _mean, _std
+
+    sets: list[str] = []
+    for r in rows:
+        for name in r.get("errors") or {}:
+            if name not in sets:
+                sets.append(name)
+    table = []
+    for method in methods:
+        mine = [r for r in rows if r["strategy"] == method]
+        ok = [r for r in mine if r.get("status") == "ok"]
+        line: dict[str, Any] = {"method": method, "seeds": len(ok)}
+        for name in sets:
+            line[name] = _mean([r["errors"].get(name) for r in ok])
+        line["mean_error"] = _mean([r["mean_error"] for r in ok])
+        line["mean_error_std"] = _std([r["mean_error"] for r in ok])
+        line["error"] = "; ".join(sorted({r["error"] for r in mine if r.get("status") == "error"})) or None
+        table.append(line)
+    return table, sets
+
+
+def write_tta_tables(table: list[dict[str, Any]], sets: list[str], out: Path) -> None:
+    columns = ["method", "seeds", *sets, "mean_error", "mean_error_std", "error"]
+    with open(out / "results_tta.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(table)
+
+    def cell(value: Any, key: str) -> str:
+        if value is None:
+            return "-"
+        return f"{100 * value:.1f}" if key in (*sets, "mean_error", "mean_error_std") else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row[k], k) for k in columns) + " |" for row in table]
+    (out / "results_tta.md").write_text("error in % per test set (corruption-severity) and their mean; mean and "
+                                        "sample std over seeds\n\n" + "\n".join(lines) + "\n")
+    (out / "results_tta.json").write_text(json.dumps(table, indent=1))
+
+
+def jobs(methods: list[str], seeds: int, base: list[str], config_dir: Path, out: Path,
+         overrides: list[str], ckpt: str | None) -> list[dict[str, Any]]:
+    """The job specs in order: per seed, the source run (which fits when there is no checkpoint) before the methods."""
+    specs = []
+    for seed in range(1, seeds + 1):
+        source_dir = out / "runs" / f"{SOURCE}_seed{seed}"
+        source_ckpt = ckpt or str(source_dir / "source.ckpt")
+        for method in [SOURCE, *[m for m in methods if m != SOURCE]]:
+            extra = [] if method == SOURCE else [str(test_time_config(method, config_dir))]
+            specs.append({"kind": "tta", "strategy": method, "seed": seed, "configs": [*base, *extra],
+                          "overrides": overrides, "workdir": str(out / "runs" / f"{method}_seed{seed}"),
+                          "row": str(out / "rows" / f"tta_{method}_seed{seed}.json"),
+                          "ckpt": source_ckpt if (ckpt or method != SOURCE) else None,
+                          "fit": ckpt is None and method == SOURCE})
+    return specs
