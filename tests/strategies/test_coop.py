@@ -278,46 +278,42 @@ def test_recipes_hold_the_paper_settings():
         assert len(resolve_templates(key)) == 1, key  # CoOp has a hand-crafted template for it
 
 
-def _image_folder(root, names):
-    from PIL import Image
-
-    for split in ("train", "val", "test"):
-        for c, name in enumerate(names):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(2):
-                Image.new("RGB", (20, 24), (40 * c + 10 * i, 90, 200)).save(folder / f"{i}.png")
-
-
-def test_a_recipe_runs_on_a_local_image_folder(tmp_path):
+def test_a_recipe_runs_on_coop_data(tmp_path):
     from lightning_transfer.cli import TransferCLI
+    from lightning_transfer.schedulers import WarmupCosineLR
     from tests.conftest import REPO
+    from tests.datamodules.test_torchvision_sets import _coop_pets
     from tests.helpers.tiny_clip import tiny_clip_dir
 
-    _image_folder(tmp_path / "pets", ["golden_retriever", "tabby_cat"])
+    _coop_pets(tmp_path / "data")  # CoOp's layout: oxford_pets/images + split_zhou_OxfordPets.json
     cli = TransferCLI(args=[
         "fit", "--config", str(REPO / "configs/experiment/coop_vit_b16_oxford_pets.yaml"),
         f"--model.backbone.init_args.model_name_or_path={tiny_clip_dir()}",
-        f"--data.init_args.root={tmp_path / 'pets'}",
+        f"--data.init_args.data_dir={tmp_path / 'data'}",
         "--model.adaptation.init_args.n_ctx=4",  # the tiny vocabulary spells most words letter by letter
         "--data.init_args.num_shots=1", "--data.init_args.num_workers=0", "--data.init_args.batch_size=2",
         "--trainer.precision=32-true", "--trainer.max_epochs=1", "--trainer.logger=false", "--trainer.accelerator=cpu",
         "--trainer.enable_progress_bar=false"])
-    assert cli.model.class_names == ["golden_retriever", "tabby_cat"]
-    assert cli.model.adaptation.class_names == ["golden retriever", "tabby cat"]
+    assert cli.model.class_names == ["abyssinian", "american bulldog", "beagle"]  # CoOp's names from the split file
+    assert cli.model.adaptation.class_names == ["abyssinian", "american bulldog", "beagle"]
     assert cli.trainer.state.finished and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
+    # one epoch done: the warm-up (1e-5) is over and the cosine starts at the base lr
+    assert isinstance(scheduler, WarmupCosineLR) and cli.trainer.optimizers[0].param_groups[0]["lr"] == 0.002
 
 
 def test_base_to_new_recipe_trains_on_the_base_half(tmp_path):
     from lightning_transfer.cli import TransferCLI
     from tests.conftest import REPO
+    from tests.datamodules.test_torchvision_sets import _coop_pets
     from tests.helpers.tiny_clip import tiny_clip_dir
 
-    _image_folder(tmp_path / "pets", ["abyssinian", "beagle", "boxer"])
+    _coop_pets(tmp_path / "data")
     cli = TransferCLI(args=[
         "--config", str(REPO / "configs/experiment/cocoop_b2n_vit_b16_oxford_pets.yaml"),
         f"--model.backbone.init_args.model_name_or_path={tiny_clip_dir()}",
-        f"--data.init_args.data.init_args.root={tmp_path / 'pets'}", "--data.init_args.data.init_args.num_workers=0",
+        f"--data.init_args.data.init_args.data_dir={tmp_path / 'data'}",
+        "--data.init_args.data.init_args.num_workers=0",
         "--trainer.precision=32-true", "--trainer.logger=false"], run=False)
     assert isinstance(cli.datamodule, ClassSubset) and cli.datamodule.subset == "base"
-    assert cli.model.class_names == ["abyssinian", "beagle"]  # ceil(3 / 2) base classes
+    assert cli.model.class_names == ["abyssinian", "american bulldog"]  # ceil(3 / 2) base classes
