@@ -383,7 +383,8 @@ class NpzImages(TransferDataModule):
     Args:
         data_dir: folder the file names are relative to (default ``$LT_DATA_DIR`` or ``~/.cache/lightning_transfer``).
         train_file: npz with the training images (also the source of CAFA's statistics); ``None`` for none.
-        test_file: npz with the clean test images.
+        test_file: npz with the clean test images; ``None`` with ``corrupted_dir`` (e.g. CIFAR-100-C, whose release
+            has no clean images): the number of images and classes come from its ``labels.npy``.
         corruptions: CIFAR-10-C corruption names (``["all"]`` for the 15); ``None`` tests on clean images.
         severities: severities 1-5 to test each corruption at.
         corruption_seed: seed of the on-the-fly corruptions.
@@ -397,7 +398,7 @@ class NpzImages(TransferDataModule):
         self,
         data_dir: str | None = None,
         train_file: str | None = "cifar10_train1000/cifar10_train_first1000.npz",
-        test_file: str = "cifar10_test1000/cifar10_test_first1000.npz",
+        test_file: str | None = "cifar10_test1000/cifar10_test_first1000.npz",
         corruptions: list[str] | None = None,
         severities: list[int] | None = None,
         corruption_seed: int = 0,
@@ -418,6 +419,9 @@ class NpzImages(TransferDataModule):
                 check_corruption(name, severity)
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if test_file is None and (corrupted_dir is None or not names):
+            raise ValueError("test_file=None needs corrupted_dir and corruptions (the test images come from the "
+                             "released .npy files)")
         self.corruptions, self.corruption_seed = names, corruption_seed
         self.corrupted_dir = corrupted_dir
         self.train_file, self.test_file, self.val_fraction = train_file, test_file, val_fraction
@@ -441,11 +445,23 @@ class NpzImages(TransferDataModule):
     def class_names(self) -> list[str]:
         if self._class_names is not None:
             return list(self._class_names)
-        _, y = self._read(self.test_file)
+        y = self._read(self.test_file)[1] if self.test_file is not None else self._released_labels()
         n = int(y.max()) + 1
         return CIFAR10_CLASSES if n == 10 else [str(i) for i in range(n)]
 
-    def _test_images(self, x: np.ndarray, y: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _released_labels(self) -> np.ndarray:
+        path = Path(str(self.corrupted_dir)).expanduser() / "labels.npy"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: download CIFAR-10-C (https://zenodo.org/record/2535967) or "
+                                    "CIFAR-100-C (https://zenodo.org/record/3555552) and pass its folder as "
+                                    "corrupted_dir")
+        return np.load(path, allow_pickle=False).astype(np.int64)
+
+    def _test_images(self, x: np.ndarray | None, y: np.ndarray | None) -> list[tuple[np.ndarray, np.ndarray]]:
+        if x is None or y is None:  # only the released files: 5 severities of num_images each
+            num_images = len(self._released_labels()) // 5
+            return [load_corrupted_npy(str(self.corrupted_dir), name, severity, num_images=num_images)
+                    for name in self.corruptions for severity in self.severities]
         if not self.corruptions:
             return [(x, y)]
         sets = []
@@ -460,7 +476,7 @@ class NpzImages(TransferDataModule):
     def setup(self, stage: str | None = None) -> None:
         cfg = self.data_config()
         if stage not in ("fit", "validate") and not self.test_sets:  # corrupting is the slow part: only to test
-            x, y = self._read(self.test_file)
+            x, y = self._read(self.test_file) if self.test_file is not None else (None, None)
             self.test_sets = [TensorDataset(uint8_images_to_tensor(xi, cfg), torch.as_tensor(yi))
                               for xi, yi in self._test_images(x, y)]
             self.datasets["test"] = self.test_sets[0]
@@ -474,6 +490,7 @@ class NpzImages(TransferDataModule):
             self.splits = {"train": rest, "val": held}
             self.datasets["train"] = TensorDataset(images[rest], labels[rest])
             self.datasets["val"] = TensorDataset(images[held], labels[held])
+        self.log_split_digest()
 
     def test_dataloader(self) -> Any:
         if not self.test_sets:

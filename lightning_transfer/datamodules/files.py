@@ -43,6 +43,19 @@ def check_labels(samples: Sequence[Sample], num_classes: int, source: str) -> No
                              f"(0..{num_classes - 1}); fix the split file or the class list")
 
 
+def read_split_list(path: Path, root: Path) -> list[Sample]:
+    """``<relative path> <label>`` lines -> (absolute path, label); a malformed line fails naming file and line."""
+    samples = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.strip().rsplit(maxsplit=1)  # the path may contain spaces, the label never does
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            raise ValueError(f"{path}:{number}: expected '<image path> <integer label>', got {line!r}")
+        samples.append((str(root / parts[0]), int(parts[1])))
+    return samples
+
+
 def image_files(folder: Path) -> list[Path]:
     """Image files under ``folder`` (recursively), sorted, so the order never depends on the file system."""
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
@@ -71,30 +84,52 @@ def eval_geometry(data_config: dict[str, Any]) -> tuple[int, int, int]:
     return math.floor(min(h, w) / crop_pct), h, w
 
 
-def decode_uint8(path: str, data_config: dict[str, Any]) -> Tensor:
-    """One image resized (shorter side) and centre-cropped like the evaluation transform: (3, H, W) uint8."""
-    from torchvision.transforms import CenterCrop, InterpolationMode, Resize
+def _interpolation(data_config: dict[str, Any]) -> Any:
+    from torchvision.transforms import InterpolationMode
 
-    size, h, w = eval_geometry(data_config)
-    mode = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
+    return {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
             "nearest": InterpolationMode.NEAREST}.get(str(data_config.get("interpolation", "bilinear")),
                                                       InterpolationMode.BILINEAR)
-    image = CenterCrop((h, w))(Resize(size, interpolation=mode)(read_image(path)))
+
+
+def direct_resize_transform(data_config: dict[str, Any]) -> Any:
+    """Resize straight to ``input_size`` (no aspect-preserving resize, no crop) and normalise: the VTAB-1k transform."""
+    from torchvision.transforms import Compose, Normalize, Resize, ToTensor
+
+    _, h, w = data_config["input_size"]
+    return Compose([Resize((h, w), interpolation=_interpolation(data_config)), ToTensor(),
+                    Normalize(data_config["mean"], data_config["std"])])
+
+
+def decode_uint8(path: str, data_config: dict[str, Any], direct_resize: bool = False) -> Tensor:
+    """One image resized (shorter side) and centre-cropped like the evaluation transform: (3, H, W) uint8.
+
+    With ``direct_resize`` the image is resized straight to (H, W) instead, as :func:`direct_resize_transform`.
+    """
+    from torchvision.transforms import CenterCrop, Resize
+
+    size, h, w = eval_geometry(data_config)
+    mode = _interpolation(data_config)
+    if direct_resize:
+        image = Resize((h, w), interpolation=mode)(read_image(path))
+    else:
+        image = CenterCrop((h, w))(Resize(size, interpolation=mode)(read_image(path)))
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
 class UInt8Cache(Dataset):
     """Images decoded and resized once into one (N, 3, H, W) uint8 tensor; normalised (and flipped) per item.
 
-    The evaluation view equals timm's evaluation transform (resize, centre crop, normalise); the training view adds
-    only a random horizontal flip, since random-resized-crop would need the full-size image. 224x224 costs
-    150 KB per image: fine for VTAB-1k (1,000 images) and K-shot sets, not for ImageNet.
+    The evaluation view equals timm's evaluation transform (resize, centre crop, normalise), or
+    :func:`direct_resize_transform` with ``direct_resize``; the training view adds only a random horizontal flip,
+    since random-resized-crop would need the full-size image. 224x224 costs 150 KB per image: fine for VTAB-1k
+    (1,000 images) and K-shot sets, not for ImageNet.
     """
 
     def __init__(self, samples: Sequence[Sample], data_config: dict[str, Any], flip: bool = False,
-                 images: Tensor | None = None) -> None:
+                 images: Tensor | None = None, direct_resize: bool = False) -> None:
         self.samples = [(str(p), int(y)) for p, y in samples]
-        self.images = images if images is not None else torch.stack([decode_uint8(p, data_config)
+        self.images = images if images is not None else torch.stack([decode_uint8(p, data_config, direct_resize)
                                                                      for p, _ in self.samples])
         self.labels = torch.tensor([y for _, y in self.samples], dtype=torch.long)
         self.mean = torch.tensor(data_config["mean"], dtype=torch.float32).view(-1, 1, 1) * 255.0
@@ -116,9 +151,11 @@ class FileListDataModule(TransferDataModule):
 
     Subclasses implement :meth:`load_samples` (``{"train": [...], "val": [...], "test": [...]}`` of
     ``(path, label)``; ``val`` and ``test`` may be missing) and :attr:`class_names`, and may set :attr:`variant`
-    (the protocol's name, logged with the split hash). Without a ``val`` list, ``val_fraction`` of every training
-    class (fixed seed 0) is held out; without ``test``, validation doubles as test. With ``num_shots`` the training
-    set has K images per class (drawn with ``seed``) and validation ``min(K, 4)`` per class, as in CoOp.
+    (the protocol's name, logged with the split hash) and :attr:`direct_resize` (evaluate, and cache, with a plain
+    resize to ``input_size`` instead of timm's resize + centre crop). Without a ``val`` list, ``val_fraction`` of
+    every training class (fixed seed 0) is held out; without ``test``, validation doubles as test. With
+    ``num_shots`` the training set has K images per class (drawn with ``seed``) and validation ``min(K, 4)`` per
+    class, as in CoOp.
 
     Args:
         augment: timm's random-resized-crop + flip on the training set (flip only with ``cache_images``).
@@ -128,6 +165,7 @@ class FileListDataModule(TransferDataModule):
     """
 
     variant: str = ""
+    direct_resize: bool = False
 
     def __init__(
         self,
@@ -168,7 +206,9 @@ class FileListDataModule(TransferDataModule):
 
         cfg = self.data_config()
         if self.cache_images:
-            return UInt8Cache(samples, cfg, flip=training and self.augment)
+            return UInt8Cache(samples, cfg, flip=training and self.augment, direct_resize=self.direct_resize)
+        if self.direct_resize and not (training and self.augment):
+            return ImageList(samples, direct_resize_transform(cfg))
         return ImageList(samples, build_transform(cfg, training, self.augment))
 
     def setup(self, stage: str | None = None) -> None:

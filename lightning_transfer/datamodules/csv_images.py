@@ -1,0 +1,107 @@
+"""CSVImages: any image dataset listed in one CSV file of ``path,label[,split]`` rows."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+from lightning_transfer.datamodules.files import FileListDataModule, Sample
+from lightning_transfer.registry import register_datamodule
+
+SPLITS = ("train", "val", "test")
+
+
+@register_datamodule("csv")
+class CSVImages(FileListDataModule):
+    """Images listed in a CSV file: ``path,label`` or ``path,label,split`` per row, an optional header row.
+
+    Paths are relative to ``image_root`` (default: the CSV file's folder) unless absolute. Labels are class indices
+    (``0..n-1``) or class names: with ``class_names`` given, a name is looked up in it; without, names are sorted
+    into the classes, and integer labels give classes ``"0"`` to the largest label. The split column holds
+    ``train``, ``val`` or ``test``; rows without one are training rows. Without validation rows ``val_fraction`` of
+    every training class is held out; without test rows the validation set is the test set.
+
+    Args:
+        csv_file: the CSV file.
+        image_root: folder the relative image paths start from; default the CSV file's folder.
+        class_names: the classes in label order (default: from the labels, see above).
+        augment: timm's random-resized-crop + flip on the training images.
+        cache_images: decode and resize the images once into memory (small sets only).
+        val_fraction: share of each training class held out when the file has no validation rows.
+        **kwargs: see :class:`~lightning_transfer.datamodules.files.FileListDataModule`.
+    """
+
+    def __init__(
+        self,
+        csv_file: str,
+        image_root: str | None = None,
+        class_names: list[str] | None = None,
+        augment: bool = True,
+        cache_images: bool = False,
+        val_fraction: float = 0.1,
+        data_dir: str | None = None,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        num_shots: int | None = None,
+        seed: int = 1,
+        data_config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(augment, cache_images, val_fraction, data_dir, batch_size, num_workers, num_shots, seed,
+                         data_config)
+        self.csv_file = Path(csv_file).expanduser()
+        self.root = Path(image_root).expanduser() if image_root else self.csv_file.parent
+        self._class_names = list(class_names) if class_names is not None else None
+        self._rows: list[tuple[int, str, str, str]] | None = None
+        self.variant = f"csv:{self.csv_file.name}"
+
+    def rows(self) -> list[tuple[int, str, str, str]]:
+        """(line number, path, label, split) of every data row; a malformed row fails naming file and line."""
+        if self._rows is None:
+            if not self.csv_file.is_file():
+                raise FileNotFoundError(f"CSV file {self.csv_file} not found: write one 'path,label[,split]' row per "
+                                        "image, or fix data.init_args.csv_file")
+            rows = []
+            with open(self.csv_file, newline="") as f:
+                for number, row in enumerate(csv.reader(f), start=1):
+                    cells = [c.strip() for c in row]
+                    if not any(cells) or (number == 1 and cells[0].lower() in ("path", "file", "filename", "image")):
+                        continue  # blank line or header
+                    if len(cells) not in (2, 3) or not cells[0] or not cells[1]:
+                        raise ValueError(f"{self.csv_file}:{number}: expected 'path,label[,split]', got {row}")
+                    split = cells[2].lower() if len(cells) == 3 and cells[2] else "train"
+                    if split not in SPLITS:
+                        raise ValueError(f"{self.csv_file}:{number}: split {cells[2]!r} is not one of {SPLITS}")
+                    rows.append((number, cells[0], cells[1], split))
+            if not rows:
+                raise ValueError(f"{self.csv_file} lists no images")
+            self._rows = rows
+        return self._rows
+
+    @property
+    def class_names(self) -> list[str]:
+        if self._class_names is None:
+            labels = {label for _, _, label, _ in self.rows()}
+            if all(label.isdigit() for label in labels):
+                self._class_names = [str(i) for i in range(max(int(label) for label in labels) + 1)]
+            else:
+                self._class_names = sorted(labels)
+        return list(self._class_names)
+
+    def _label(self, number: int, label: str, index: dict[str, int]) -> int:
+        if label in index:
+            return index[label]
+        if label.lstrip("-").isdigit():
+            return int(label)  # an index: the base checks the range and names the file
+        raise ValueError(f"{self.csv_file}:{number}: label {label!r} is not a class name ({len(index)} classes: "
+                         f"{', '.join(list(index)[:10])}{', ...' if len(index) > 10 else ''}) nor an index")
+
+    def load_samples(self) -> dict[str, list[Sample]]:
+        names = self.class_names
+        index = {} if all(n == str(i) for i, n in enumerate(names)) else {n: i for i, n in enumerate(names)}
+        samples: dict[str, list[Sample]] = {split: [] for split in SPLITS}
+        for number, path, label, split in self.rows():
+            samples[split].append((str(self.root / path), self._label(number, label, index)))
+        if not samples["train"]:
+            raise ValueError(f"{self.csv_file} has no training rows (split column 'train' or empty)")
+        return {split: rows for split, rows in samples.items() if rows}

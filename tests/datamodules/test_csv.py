@@ -1,0 +1,73 @@
+"""CSVImages: rows with and without a split column, class names or indices, and errors that name line or file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lightning_transfer.datamodules.csv_images import CSVImages
+
+CFG = {"input_size": (3, 8, 8), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "crop_pct": 1.0}
+
+
+def write_images(folder, count):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return [f"{folder.name}/{i}.png" for i in range(count)]
+
+
+def test_names_split_column_and_header(tmp_path):
+    paths = write_images(tmp_path / "img", 8)
+    splits = ["train", "train", "train", "train", "val", "val", "test", "TEST"]
+    labels = ["dog", "cat", "dog", "cat", "dog", "cat", "dog", "cat"]
+    rows = ["path,label,split", *(f"{p},{y},{s}" for p, y, s in zip(paths, labels, splits))]
+    (tmp_path / "set.csv").write_text("\n".join(rows) + "\n")
+    dm = CSVImages(csv_file=str(tmp_path / "set.csv"), data_config=CFG, augment=False)
+    dm.setup()
+    assert dm.class_names == ["cat", "dog"]
+    assert [y for _, y in dm.samples["train"]] == [1, 0, 1, 0] and [y for _, y in dm.samples["test"]] == [1, 0]
+    assert dm.samples["val"][0][0] == str(tmp_path / "img" / "4.png")
+    assert dm.split_info()["data/num_val"] == 2 and dm.split_info()["data/variant"] == "csv:set.csv"
+    x, y = dm.datasets["test"][1]
+    assert x.shape == (3, 8, 8) and y == 0
+
+
+def test_indices_without_split_column_and_given_class_names(tmp_path):
+    paths = write_images(tmp_path / "img", 20)
+    (tmp_path / "all.csv").write_text("".join(f"{p},{i % 4}\n" for i, p in enumerate(paths)))
+    dm = CSVImages(csv_file=str(tmp_path / "all.csv"), val_fraction=0.25, data_config=CFG)
+    dm.setup()
+    assert dm.class_names == ["0", "1", "2", "3"] and len(dm.samples["train"]) == 16 and len(dm.samples["val"]) == 4
+    assert dm.datasets["test"] is dm.datasets["val"]
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "named.csv").write_text("".join(f"{p},{'abcd'[i % 4]}\n" for i, p in enumerate(paths)))
+    named = CSVImages(csv_file=str(other / "named.csv"), image_root=str(tmp_path), class_names=["d", "c", "b", "a"],
+                      val_fraction=0.25, data_config=CFG)
+    named.setup()
+    assert [y for _, y in named.samples["train"]][:4] == [3, 2, 1, 0]
+    assert named.split_info()["data/split_digest"] != dm.split_info()["data/split_digest"]
+
+
+def test_errors_name_the_line_or_the_file(tmp_path):
+    missing = CSVImages(csv_file=str(tmp_path / "none.csv"), data_config=CFG)  # the constructor reads nothing
+    with pytest.raises(FileNotFoundError, match=r"none\.csv not found.*path,label\[,split\]"):
+        missing.setup()
+    paths = write_images(tmp_path / "img", 4)
+    cases = {"a.png,0,train,extra": r"bad\.csv:2: expected 'path,label\[,split\]'",
+             "a.png,0,holdout": r"bad\.csv:2: split 'holdout' is not one of",
+             "a.png,zebra": r"bad\.csv:2: label 'zebra' is not a class name \(2 classes: cat, dog\)"}
+    for row, message in cases.items():
+        (tmp_path / "bad.csv").write_text(f"{paths[0]},cat\n{row}\n{paths[1]},dog\n")
+        with pytest.raises(ValueError, match=message):
+            CSVImages(csv_file=str(tmp_path / "bad.csv"), class_names=["cat", "dog"], data_config=CFG).setup()
+    (tmp_path / "range.csv").write_text(f"{paths[0]},0\n{paths[1]},1\n{paths[2]},5,test\n")
+    with pytest.raises(ValueError, match=r"label 5 of .*img/2\.png.* outside the 2 classes"):
+        CSVImages(csv_file=str(tmp_path / "range.csv"), class_names=["cat", "dog"], data_config=CFG).setup()
+    (tmp_path / "img" / "3.png").write_bytes(b"not a png")
+    (tmp_path / "broken.csv").write_text("".join(f"{p},{i % 2}\n" for i, p in enumerate(paths)))
+    with pytest.raises(RuntimeError, match=r"cannot read image .*img/3\.png"):
+        CSVImages(csv_file=str(tmp_path / "broken.csv"), data_config=CFG, cache_images=True).setup()
