@@ -68,6 +68,11 @@ class ImageList(Dataset):
         self.samples = [(str(p), int(y)) for p, y in samples]
         self.transform = transform
 
+    @property
+    def targets(self) -> list[int]:
+        """The labels, without reading an image (what class subsets and samplers need)."""
+        return [y for _, y in self.samples]
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -144,6 +149,10 @@ class UInt8Cache(Dataset):
         if self.flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return (x.float() - self.mean) / self.std, self.labels[index]
+
+    @property
+    def targets(self) -> list[int]:
+        return self.labels.tolist()
 
 
 class FileListDataModule(TransferDataModule):

@@ -41,6 +41,7 @@ def test_cache_equals_the_evaluation_transform(tmp_path):
     cached = UInt8Cache(samples, CFG)
     plain = ImageList(samples, build_transform(CFG, training=False, augment=True))
     assert cached.images.dtype == torch.uint8 and cached.images.shape == (3, 3, 32, 32)
+    assert cached.targets == plain.targets == [y for _, y in samples]  # labels without decoding an image
     for i in range(3):
         assert torch.allclose(cached[i][0], plain[i][0], atol=1e-5)
         assert int(cached[i][1]) == plain[i][1]
