@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 export WANDB_SILENT ?= true
 
-.PHONY: install demo test test-all lint bench clean
+.PHONY: install demo test test-all lint bench bench-vitb clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,11 @@ demo: install
 
 bench: install
 	$(PY) scripts/bench_digits.py
+
+bench-vitb: install
+	$(PY) -m lightning_transfer bench --config configs/experiment/bench_vit_b16_shaped.yaml --seeds 1 --omit-accuracy \
+		--strategies full,linear_probe,partial_freeze,bitfit,norm_tuning,lora,peft_method,adapter,vqt,sherl \
+		--output runs/bench_vit_b16_shaped --no-wandb
 
 test: install
 	$(PY) -m pytest -q

@@ -160,16 +160,18 @@ def _fmt(value: Any, key: str) -> str:
     return str(value)
 
 
-def write_tables(table: list[dict[str, Any]], out: Path) -> None:
+def write_tables(table: list[dict[str, Any]], out: Path, omit_accuracy: bool = False) -> None:
+    columns = [c for c in COLUMNS if not (omit_accuracy and c.startswith("top1"))]
+    table = [{k: row[k] for k in columns} for row in table]
     with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(table)
-    header = "| " + " | ".join(COLUMNS) + " |"
-    lines = [header, "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(row[k], k) for k in COLUMNS) + " |" for row in table]
-    (out / "results.md").write_text("top-1 in %, mean and sample std over seeds; memory in MiB\n\n"
-                                    + "\n".join(lines) + "\n")
+    header = "| " + " | ".join(columns) + " |"
+    lines = [header, "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(row[k], k) for k in columns) + " |" for row in table]
+    what = "" if omit_accuracy else "top-1 in %, mean and sample std over seeds; "
+    (out / "results.md").write_text(f"{what}memory in MiB, throughput in samples/s\n\n" + "\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(table, indent=1))
 
 
@@ -228,6 +230,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="result folder; rerunning with it skips finished rows")
     p.add_argument("--strategy-configs", default="configs/strategy", help="folder of <name>.yaml strategy configs")
     p.add_argument("--test-time-configs", default="configs/test_time", help="folder of <name>.yaml method configs")
+    p.add_argument("--omit-accuracy", action="store_true",
+                   help="leave top-1 out of the table and plot (random-weight runs that measure memory and speed)")
     p.add_argument("--no-wandb", action="store_true", help="do not log the table to W&B")
     p.add_argument("overrides", nargs="*", help="extra --key=value overrides after '--', applied to every run")
     return p.parse_args(argv)
@@ -297,8 +301,8 @@ def main(argv: list[str]) -> None:
               "row": str(out / "rows" / f"{name}_seed{seed}.json")}
              for name in names for seed in range(1, args.seeds + 1)]
     table = aggregate(run_jobs(specs), names)
-    write_tables(table, out)
-    plotted = plot_pareto(table, out / "pareto.png")
+    write_tables(table, out, omit_accuracy=args.omit_accuracy)
+    plotted = not args.omit_accuracy and plot_pareto(table, out / "pareto.png")
     print((out / "results.md").read_text())
     print(f"wrote {out / 'results.csv'}, {out / 'results.md'}" + (f", {out / 'pareto.png'}" if plotted else ""))
     if not args.no_wandb:

@@ -98,3 +98,16 @@ def test_bench_test_time_methods_error_per_corruption(tmp_path, capsys):
     capsys.readouterr()
     main(argv)
     assert "tent seed 1 done before, skipped" in capsys.readouterr().out
+
+
+def test_tables_can_omit_accuracy_for_random_weight_runs(tmp_path):
+    from lightning_transfer.bench import write_tables
+
+    table = aggregate([{"strategy": "a", "status": "ok", "top1": 0.1, "trainable_params": 5,
+                        "saved_for_backward_mb": 3.0}], ["a"])
+    write_tables(table, tmp_path, omit_accuracy=True)
+    header = (tmp_path / "results.csv").read_text().splitlines()[0]
+    assert "top1" not in header and "saved_for_backward_mb" in header
+    assert "top1" not in (tmp_path / "results.md").read_text()
+    write_tables(table, tmp_path)
+    assert "top1_mean" in (tmp_path / "results.csv").read_text()
