@@ -7,11 +7,13 @@ block, SHERL reads ``hidden_states`` and re-runs the last blocks, LinearProbe ca
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_transfer._config import RecordsInitArgs
@@ -60,15 +62,18 @@ class Backbone(nn.Module, RecordsInitArgs):
         frozen attention and MLP; the tokens never see the queries, so ``tokens_out`` is exactly what
         :meth:`run_block` computes. ``tokens_out`` is computed without gradient (nothing is recorded for backward
         on the token path); only ``queries_out`` (B, T, D) carries gradients, to ``queries`` and nothing else.
-        This is what VQT (arXiv:2212.03220) needs.
+        This is what VQT (arXiv:2212.03220) needs. Backbones whose blocks take a padding mask (Hugging Face text
+        encoders) also accept an optional ``attn_mask`` keyword, an additive key mask (B, 1, 1, N) applied to the
+        token and the query rows alike; by default they use the padding mask of the last :meth:`embed`, as
+        :meth:`run_block` does.
 
         Returns:
             ``(tokens_out, queries_out)``, both taken after the full block (residuals included, no final norm).
         """
         raise NotImplementedError(
             f"{type(self).__name__} ({self.identity()}) does not implement run_block_with_queries, so query-token "
-            "methods (VQT) cannot run on it: use a timm Vision Transformer backbone (TimmBackbone), or implement "
-            "run_block_with_queries for this backbone"
+            "methods (VQT) cannot run on it: use a timm Vision Transformer (TimmBackbone), a Hugging Face CLIP "
+            "(HFCLIPBackbone) or BERT-family encoder (HFTextBackbone), or implement run_block_with_queries"
         )
 
     @torch.no_grad()
@@ -150,6 +155,101 @@ class Backbone(nn.Module, RecordsInitArgs):
     def export_state_dict(self) -> dict[str, Tensor]:
         """The weights in the layout ``checkpoint_path`` accepts."""
         return self.state_dict()
+
+
+# ---- helpers for run_block_with_queries --------------------------------------------------------------------
+KeysValues = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    """(B, N, H * d) -> (B, H, N, d)."""
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """(B, H, N, d) -> (B, N, H * d)."""
+    return x.transpose(1, 2).flatten(2)
+
+
+@contextmanager
+def capture_outputs(*modules: nn.Module) -> Iterator[list[list[Tensor]]]:
+    """Record what each of ``modules`` returns while the context is open: one list of outputs per module.
+
+    Query paths read the keys and values that the plain block call computes anyway, instead of recomputing them.
+    """
+    outputs: list[list[Tensor]] = [[] for _ in modules]
+    handles = [m.register_forward_hook(lambda _m, _i, out, box=box: box.append(out))
+               for m, box in zip(modules, outputs)]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def query_key_mask(attn_mask: Tensor | None, tokens: Tensor) -> Tensor | None:
+    """Check that ``attn_mask`` is a key mask (B or 1, 1, 1, N) that the query rows can share with the tokens."""
+    if attn_mask is None:
+        return None
+    if attn_mask.ndim != 4 or attn_mask.shape[-2] != 1 or attn_mask.shape[-1] != tokens.shape[1]:
+        raise ValueError(f"query tokens take an additive key mask of shape (B, 1, 1, {tokens.shape[1]}) (padding "
+                         f"only: a query row has no place in an (N, N) mask), got {tuple(attn_mask.shape)}")
+    return attn_mask
+
+
+class _AttendToTokens(torch.autograd.Function):
+    """Attention of query rows over frozen keys/values that saves the block input, not the keys and values.
+
+    Saving k and v would keep 2 x (B, H, N, d) per block; the block input (B, N, D) is half that, and backward
+    recomputes k and v from it (one extra key/value projection per block). The (B, H, T, N) attention weights of
+    the query rows are recomputed too. Backward runs under the forward's autocast state (mixed precision), so the
+    recomputed keys and values have the dtypes the forward used.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, tokens: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None,
+                keys_values: KeysValues, scale: float) -> Tensor:
+        device = q.device.type
+        ctx.keys_values, ctx.scale = keys_values, scale
+        ctx.autocast = device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device)
+        ctx.save_for_backward(q, tokens, key_mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=scale)  # (B, H, T, d)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        q, tokens, key_mask = ctx.saved_tensors
+        device, dtype, enabled = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            with torch.no_grad():
+                k, v = ctx.keys_values(tokens)
+            with torch.enable_grad():
+                q = q.detach().requires_grad_(True)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=ctx.scale)
+                (dq,) = torch.autograd.grad(out, q, grad)
+        return dq, None, None, None, None, None, None
+
+
+def attend_to_tokens(q: Tensor, tokens: Tensor, keys_values: KeysValues, scale: float,
+                     key_mask: Tensor | None = None, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Query rows attend to the original tokens only: the attention step of :meth:`Backbone.run_block_with_queries`.
+
+    Args:
+        q: (B, H, T, d) projected query rows (carry the gradient).
+        tokens: (B, N, D) the block input; keys and values come from it only, so queries never see each other.
+        keys_values: block input (B, N, D) -> keys, values, each (B, H, N, d), with the block's frozen weights.
+        scale: the attention's softmax scale (usually ``d ** -0.5``).
+        key_mask: additive mask broadcastable to (B, H, T, N), e.g. a (B, 1, 1, N) padding mask.
+        kv: keys and values already computed from ``tokens`` (e.g. captured from the plain block call).
+
+    Returns:
+        (B, H, T, d). Only ``q`` gets a gradient; backward keeps ``tokens`` and recomputes the keys and values.
+    """
+    tokens = tokens.detach()
+    if kv is None:
+        with torch.no_grad():
+            kv = keys_values(tokens)
+    out: Tensor = _AttendToTokens.apply(q, tokens, kv[0], kv[1], key_mask, keys_values, scale)
+    return out
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:

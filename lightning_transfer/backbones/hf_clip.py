@@ -4,7 +4,8 @@ token embeddings, so prompt learners (CoOp, CoCoOp) can splice learned vectors i
 Image tower, mapped onto ``embed -> run_block* -> finalize -> pool``:
 
 * ``embed``: ``vision_model.embeddings`` (patches, CLS, positions) then ``vision_model.pre_layrnorm``.
-* ``blocks``: ``vision_model.encoder.layers``.
+* ``blocks``: ``vision_model.encoder.layers``; :meth:`HFCLIPBackbone.run_block_with_queries` runs VQT's query tokens
+  through a layer's own submodules (pre-LN: ``layer_norm1``, ``self_attn``, ``layer_norm2``, ``mlp``).
 * ``finalize``: ``vision_model.post_layernorm`` applied to every token. Hugging Face applies it to the pooled CLS
   token only; LayerNorm acts on each token on its own, so the CLS row is the same either way (the other tokens
   are simply normed as well, which HF's ``last_hidden_state`` is not).
@@ -26,7 +27,16 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from lightning_transfer.backbones.base import Backbone, load_into, read_state_dict
+from lightning_transfer.backbones.base import (
+    Backbone,
+    attend_to_tokens,
+    capture_outputs,
+    load_into,
+    merge_heads,
+    query_key_mask,
+    read_state_dict,
+    split_heads,
+)
 from lightning_transfer.registry import register_backbone
 
 # OpenAI CLIP preprocessing statistics (the same for every released CLIP)
@@ -64,6 +74,7 @@ class HFCLIPBackbone(Backbone):
 
     #: the model has a text tower (read by strategies that build classifiers from class names)
     has_text_tower: ClassVar[bool] = True
+    supports_queries: ClassVar[bool] = True
     final_prefixes: ClassVar[tuple[str, ...]] = ("model.vision_model.post_layernorm.", "model.visual_projection.")
 
     def __init__(
@@ -125,6 +136,32 @@ class HFCLIPBackbone(Backbone):
     def run_block(self, index: int, tokens: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         # CLIPEncoderLayer takes an additive (B, 1, N, N) mask or None
         return self.blocks[index](tokens, attn_mask)
+
+    def run_block_with_queries(self, index: int, tokens: Tensor, queries: Tensor,
+                               attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """A ``CLIPEncoderLayer`` with query tokens, built from the layer's own submodules (see the base class).
+
+        The token path is the plain layer call under ``no_grad`` (bit-identical to :meth:`run_block`); hooks keep
+        the keys and values that call computes, and the query rows read them. ``attn_mask`` is an optional additive
+        key mask (B, 1, 1, N). Attention dropout is not applied to the query rows (the frozen tower runs in eval).
+        """
+        layer: Any = self.blocks[index]
+        attn = layer.self_attn
+        key_mask = query_key_mask(attn_mask, tokens)
+        with torch.no_grad(), capture_outputs(attn.k_proj, attn.v_proj) as (keys, values):
+            tokens_out = self.run_block(index, tokens, key_mask)  # (B, N, D), exactly the plain layer
+        kv = split_heads(keys[0], attn.num_heads), split_heads(values[0], attn.num_heads)  # 2 x (B, H, N, d)
+        q = split_heads(attn.q_proj(layer.layer_norm1(queries)), attn.num_heads)  # (B, H, T, d)
+        out = attend_to_tokens(q, tokens, lambda t: self._keys_values(layer, t), attn.scale, key_mask, kv)
+        queries = queries + attn.out_proj(merge_heads(out))  # (B, T, D)
+        queries = queries + layer.mlp(layer.layer_norm2(queries))
+        return tokens_out, queries
+
+    @staticmethod
+    def _keys_values(layer: Any, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of a layer's original rows: (B, N, D) -> 2 x (B, H, N, d)."""
+        attn, h = layer.self_attn, layer.layer_norm1(tokens)
+        return split_heads(attn.k_proj(h), attn.num_heads), split_heads(attn.v_proj(h), attn.num_heads)
 
     def finalize(self, tokens: Tensor) -> Tensor:
         return self.model.vision_model.post_layernorm(tokens)  # per-token LN: the CLS row equals HF's pooled output

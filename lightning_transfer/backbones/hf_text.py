@@ -8,7 +8,16 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_transfer.backbones.base import Backbone, load_into, read_state_dict
+from lightning_transfer.backbones.base import (
+    Backbone,
+    attend_to_tokens,
+    capture_outputs,
+    load_into,
+    merge_heads,
+    query_key_mask,
+    read_state_dict,
+    split_heads,
+)
 from lightning_transfer.registry import register_backbone
 
 TextInputs = Tensor | Mapping[str, Tensor]
@@ -25,13 +34,32 @@ def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
+def _query_layer_error(layer: nn.Module) -> str | None:
+    """Why ``layer`` cannot run query tokens (None when it can): it needs BERT's post-LN layer structure."""
+    attention = getattr(layer, "attention", None)
+    self_attn, output = getattr(attention, "self", None), getattr(attention, "output", None)
+    parts = {"attention.self.query": getattr(self_attn, "query", None),
+             "attention.self.key": getattr(self_attn, "key", None),
+             "attention.self.value": getattr(self_attn, "value", None),
+             "attention.output.dense": getattr(output, "dense", None),
+             "attention.output.LayerNorm": getattr(output, "LayerNorm", None),
+             "intermediate": getattr(layer, "intermediate", None), "output": getattr(layer, "output", None)}
+    missing = [name for name, module in parts.items() if not isinstance(module, nn.Module)]
+    if missing:
+        return f"its layers ({type(layer).__name__}) have no {', '.join(missing)} (not a BERT-style layer)"
+    if getattr(layer, "is_decoder", False) or getattr(self_attn, "is_causal", False):
+        return "its layers are causal decoder layers"
+    return None
+
+
 @register_backbone("hf_text")
 class HFTextBackbone(Backbone):
     """A Hugging Face BERT-family encoder behind the Backbone contract (BERT arXiv:1810.04805).
 
     ``embed`` = the embeddings module (word + position + token type, LayerNorm), ``blocks`` = the encoder layers,
-    ``run_block`` passes the padding mask as an additive attention mask, ``finalize`` = identity (BERT is post-LN),
-    ``pool`` = the [CLS] token or the mask-weighted mean of the tokens.
+    ``run_block`` passes the padding mask as an additive attention mask, ``run_block_with_queries`` adds VQT's query
+    tokens (padded keys masked for them too), ``finalize`` = identity (BERT is post-LN), ``pool`` = the [CLS]
+    token or the mask-weighted mean of the tokens.
 
     Inputs (what the datamodule yields as ``batch[0]``) are one of: a LongTensor ``input_ids`` (B, L), where the
     padding mask is ``input_ids != pad_token_id``; a LongTensor (B, 2, L) stacking ``input_ids`` and
@@ -113,13 +141,57 @@ class HFTextBackbone(Backbone):
 
     def run_block(self, index: int, tokens: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         """``attn_mask``: additive (B, 1, N, N) / (B, 1, 1, N) mask; default: the padding mask of the last ``embed``."""
-        if attn_mask is None and self._mask is not None:
-            if self._mask.shape != tokens.shape[:2]:
-                raise ValueError(f"tokens {tuple(tokens.shape[:2])} do not match the padding mask "
-                                 f"{tuple(self._mask.shape)} of the last embed(): pass attn_mask for extra tokens")
-            attn_mask = additive_mask(self._mask, tokens.dtype)  # (B, 1, 1, N)
-        out = self.blocks[index](tokens, attn_mask)
+        out = self.blocks[index](tokens, self._mask_for(tokens, attn_mask))
         return out[0] if isinstance(out, tuple) else out  # (B, N, D)
+
+    def _mask_for(self, tokens: Tensor, attn_mask: Tensor | None) -> Tensor | None:
+        """``attn_mask`` if given, else the padding mask of the last ``embed`` as an additive (B, 1, 1, N) mask."""
+        if attn_mask is not None or self._mask is None:
+            return attn_mask
+        if self._mask.shape != tokens.shape[:2]:
+            raise ValueError(f"tokens {tuple(tokens.shape[:2])} do not match the padding mask "
+                             f"{tuple(self._mask.shape)} of the last embed(): pass attn_mask for extra tokens")
+        return additive_mask(self._mask, tokens.dtype)  # (B, 1, 1, N)
+
+    @property
+    def supports_queries(self) -> bool:  # type: ignore[override]
+        return _query_layer_error(self.blocks[0]) is None
+
+    def run_block_with_queries(self, index: int, tokens: Tensor, queries: Tensor,
+                               attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """A BERT layer with query tokens, built from the layer's own submodules (see the base class).
+
+        The token path is the plain layer call under ``no_grad`` (bit-identical to :meth:`run_block`); hooks keep
+        the keys and values that call computes, and the query rows read them, with padded key positions masked
+        for the queries as for the tokens (no attention dropout on the query rows; the frozen encoder runs in eval).
+        BERT is post-LN, so the queries enter the layer as they are:
+        ``a = LN(q + W_o attn(q W_q, K, V))``, ``out = LN(a + FFN(a))``.
+
+        Args:
+            attn_mask: additive key mask (B, 1, 1, N); default: the padding mask of the last :meth:`embed`.
+        """
+        layer: Any = self.blocks[index]
+        reason = _query_layer_error(layer)
+        if reason is not None:
+            raise NotImplementedError(f"{self.identity()} cannot run query tokens: {reason}; use a BERT, RoBERTa, "
+                                      "ELECTRA or MiniLM encoder")
+        self_attn = layer.attention.self
+        key_mask = query_key_mask(self._mask_for(tokens, attn_mask), tokens)  # (B, 1, 1, N) or None
+        heads = self_attn.num_attention_heads
+        with torch.no_grad(), capture_outputs(self_attn.key, self_attn.value) as (keys, values):
+            tokens_out = self.run_block(index, tokens, key_mask)  # (B, N, D), exactly the plain layer
+        kv = split_heads(keys[0], heads), split_heads(values[0], heads)  # 2 x (B, H, N, d)
+        q = split_heads(self_attn.query(queries), heads)  # (B, H, T, d)
+        out = attend_to_tokens(q, tokens, lambda t: self._keys_values(layer, t), self_attn.scaling, key_mask, kv)
+        attended = layer.attention.output(merge_heads(out), queries)  # LN(queries + W_o out), (B, T, D)
+        return tokens_out, layer.output(layer.intermediate(attended), attended)  # LN(a + FFN(a)), (B, T, D)
+
+    @staticmethod
+    def _keys_values(layer: Any, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of a layer's original rows: (B, N, D) -> 2 x (B, H, N, d)."""
+        self_attn = layer.attention.self
+        heads = self_attn.num_attention_heads
+        return split_heads(self_attn.key(tokens), heads), split_heads(self_attn.value(tokens), heads)
 
     def pool(self, tokens: Tensor) -> Tensor:
         if self.pooling == "cls":

@@ -83,6 +83,8 @@ class SHERL(AdaptationStrategy):
     other shallow ones; the merge goes back to width D as ``y = W_o ReLU(z) + b_o + tanh(gamma / tau) * h_K`` with
     gamma starting at 0. Late route: y runs through the last ``late_blocks`` pretrained blocks (frozen by default;
     their activations are stored so the gradient reaches the early route), the final norm, pooling and the head.
+    On padded text batches the early route works per token and the late blocks and pooling read the padding mask
+    that ``hidden_states`` took from the batch, so padded positions never reach a real one.
 
     Args:
         late_blocks: how many of the last pretrained blocks form the late route (the official code uses 1).

@@ -71,7 +71,9 @@ class VQT(AdaptationStrategy):
     the tokens never read them, so the frozen features are unchanged. The query outputs of each layer (after the
     full block) and the final CLS are L2-normalised piece by piece and concatenated into a linear head. The token
     path runs without gradient: only the query rows carry gradients, so nothing of the trunk is stored for backward
-    (the official code stores and back-propagates through the whole backbone).
+    (the official code stores and back-propagates through the whole backbone). Runs on every backbone with
+    ``supports_queries``: timm ViTs, the Hugging Face CLIP image tower and BERT-family text encoders (padded
+    positions are masked for the queries as for the tokens; the final feature is the backbone's own ``pool``).
 
     Optional group-lasso feature selection, the paper's 3-stage protocol:
 
@@ -143,7 +145,8 @@ class VQT(AdaptationStrategy):
         if not backbone.supports_queries:
             raise ValueError(
                 f"VQT needs a backbone that runs query tokens (run_block_with_queries); {backbone.identity()} does "
-                "not: use a plain timm ViT, or SHERL, LoRA or FullFinetune on this backbone"
+                "not: use a plain timm ViT, a Hugging Face CLIP or a BERT-family encoder, or SHERL, LoRA or "
+                "FullFinetune on this backbone"
             )
 
     def full_in_features(self, backbone: Backbone) -> int:
@@ -186,10 +189,11 @@ class VQT(AdaptationStrategy):
         outputs = []
         for layer in range(backbone.depth):
             queries = self.query_dropout(self.queries[layer].expand(batch, -1, -1))  # (B, T, D)
+            # text backbones mask padded keys with the padding mask that embed() just read
             tokens, out = backbone.run_block_with_queries(layer, tokens, queries)  # (B, N, D), (B, T, D)
             outputs.append(out)
         with torch.no_grad():
-            cls = backbone.pool(backbone.finalize(tokens))  # (B, C)
+            cls = backbone.pool(backbone.finalize(tokens))  # (B, C): final-normed CLS (ViT, CLIP), BERT's pooling
         feats = vqt_features(cls, outputs, self.pooling, self.normalize_features)  # (B, C + L*T*D)
         if self.keep_fraction is not None:
             feats = feats[:, self.selected_features]  # (B, k)

@@ -11,6 +11,7 @@ from lightning_transfer.module import TransferModule
 from lightning_transfer.strategies.full import FullFinetune
 from lightning_transfer.strategies.sherl import SHERL, aggregate, anti_redundancy_weights, redundancy
 from tests.helpers.models import inputs_for, tiny_cnn, tiny_vit
+from tests.helpers.text_models import tiny_bert, token_inputs
 
 
 def _module(**kwargs) -> TransferModule:
@@ -136,6 +137,22 @@ def test_tune_late_blocks_trains_and_checkpoints_them():
     module.adaptation.loss(module(x), (x, torch.arange(4))).backward()
     assert module.backbone.model.blocks[4].attn.qkv.weight.grad is not None
     assert module.backbone.model.blocks[3].attn.qkv.weight.grad is None
+
+
+@pytest.mark.parametrize(("pooling", "late_blocks"), [("cls", 1), ("mean", 2)])
+def test_bert_padded_batch_equals_each_example_alone(pooling, late_blocks):
+    """Padded positions never reach a real one: the early route is per token, the late blocks and the pooling
+    read the padding mask that ``hidden_states`` (``embed``) took from the batch."""
+    module = TransferModule(tiny_bert(pooling=pooling), SHERL(late_blocks=late_blocks), num_classes=5).eval()
+    with torch.no_grad():
+        module.adaptation.gamma.fill_(0.05)  # open the gate so the copy of h_K matters too
+        ids = token_inputs(module.backbone, batch=4)  # right padding of different lengths
+        lengths = (ids != module.backbone.pad_token_id).sum(1)
+        assert lengths.min() < ids.shape[1]
+        batched = module(ids)
+        for i in range(len(ids)):
+            alone = module(ids[i:i + 1, : int(lengths[i])])  # the same example without padding
+            torch.testing.assert_close(batched[i], alone[0], atol=1e-5, rtol=0)
 
 
 def test_clear_errors_at_construction():

@@ -9,9 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_transfer.backbones.base import Backbone
+from lightning_transfer.backbones.hf_clip import HFCLIPBackbone
 from lightning_transfer.module import TransferModule
 from lightning_transfer.strategies.vqt import VQT, group_lasso_penalty, select_top_features, vqt_features
 from tests.helpers.models import inputs_for, tiny_cnn, tiny_vit
+from tests.helpers.text_models import tiny_bert, token_inputs
+from tests.helpers.tiny_clip import tiny_clip
 
 
 def _module(**kwargs) -> TransferModule:
@@ -45,6 +49,94 @@ def test_logits_equal_masked_concat_reference(num_queries, pooling):
         torch.testing.assert_close(module(x), slow_reference_logits(module, x, pooling), atol=1e-5, rtol=0)
     width = 64 + 6 * (num_queries * 64 if pooling == "concat" else 64)
     assert module.head.fc.in_features == width == module.adaptation.head_in_features(module.backbone)
+
+
+# ---- Hugging Face backbones: CLIP image tower, BERT (padded batches) --------------------------------------
+def _hf_module(name: str, num_queries: int = 2, **backbone_kwargs) -> tuple[TransferModule, Tensor, Tensor]:
+    """VQT on a tiny HF backbone, its inputs and their key-padding mask (B, N)."""
+    backbone: Backbone = tiny_clip() if name == "clip" else tiny_bert(**backbone_kwargs)
+    module = TransferModule(backbone, VQT(num_queries=num_queries, query_dropout=0.0), num_classes=5)
+    if name == "clip":
+        x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+        return module, x, torch.ones(3, 1 + (16 // 4) ** 2, dtype=torch.bool)
+    ids = token_inputs(module.backbone, batch=3)  # right padding of different lengths
+    return module, ids, ids != module.backbone.pad_token_id
+
+
+def slow_reference_logits_hf(module: TransferModule, inputs: Tensor, keep: Tensor) -> Tensor:
+    """Queries concatenated in front of the tokens through each HF layer's own forward; query (and padded) key
+    columns blocked by an additive mask, as the official code effectively does."""
+    backbone, queries = module.backbone, module.adaptation.queries  # (L, T, D)
+    tokens = backbone.embed(inputs)  # (B, N, D)
+    (b, n, _), t = tokens.shape, queries.shape[1]
+    allowed = torch.ones(b, t + n, t + n, dtype=torch.bool)
+    allowed[:, :, :t] = False
+    allowed[:, :, t:] &= keep[:, None, :]
+    mask = (~allowed)[:, None].float() * torch.finfo(torch.float32).min  # (B, 1, T + N, T + N)
+    pieces = []
+    for layer, block in enumerate(backbone.blocks):
+        z = block(torch.cat([queries[layer].expand(b, -1, -1), tokens], 1), mask)
+        z = z[0] if isinstance(z, tuple) else z
+        out, tokens = z[:, :t], z[:, t:]
+        pieces.append(F.normalize(out.flatten(1), dim=-1))
+    if isinstance(backbone, HFCLIPBackbone):  # CLIP: the post-layernorm CLS = HF's pooler_output
+        cls = backbone.model.vision_model.post_layernorm(tokens[:, 0])
+    else:  # BERT with cls pooling: the [CLS] token
+        cls = tokens[:, 0]
+    return module.head(torch.cat([F.normalize(cls, dim=-1), *pieces], 1))
+
+
+@pytest.mark.parametrize("name", ["clip", "bert"])
+def test_hf_logits_equal_masked_concat_reference(name):
+    module, inputs, keep = _hf_module(name)
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(module(inputs), slow_reference_logits_hf(module, inputs, keep), atol=1e-5, rtol=0)
+    dim = module.backbone.embed_dim
+    assert module.head.fc.in_features == dim + module.backbone.depth * 2 * dim
+
+
+@pytest.mark.parametrize("name", ["clip", "bert"])
+def test_hf_trunk_unchanged_records_nothing_and_only_queries_and_head_learn(name):
+    module, inputs, _ = _hf_module(name)
+    module.train()
+    plain = module.backbone.forward_tokens(inputs, return_hidden_states=True).hidden_states
+    outputs: list[Tensor] = []
+    counts: list[int] = []
+
+    def pre(block, args):
+        block._counter = torch.autograd.graph.saved_tensors_hooks(lambda t: counts.append(t.numel()) or t, lambda t: t)
+        block._counter.__enter__()
+
+    def post(block, args, out):
+        block._counter.__exit__(None, None, None)
+        outputs.append(out[0] if isinstance(out, tuple) else out)
+
+    for block in module.backbone.blocks:
+        block.register_forward_pre_hook(pre)
+        block.register_forward_hook(post)
+    logits = module(inputs)
+    depth = module.backbone.depth
+    assert not counts, "a frozen VQT block recorded activations for backward"
+    assert len(outputs) == depth and not any(o.requires_grad for o in outputs)
+    assert all(torch.equal(o, p) for o, p in zip(outputs, plain[1:])), "VQT changed the original tokens"
+    module.adaptation.loss(logits, (inputs, torch.arange(3))).backward()
+    assert all(p.grad is None for p in module.backbone.parameters())
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable == {"adaptation.queries", "head.fc.weight", "head.fc.bias"}, trainable
+    assert module.adaptation.queries.grad.abs().sum(dim=(1, 2)).gt(0).all(), "every layer's queries learn"
+    assert module.head.fc.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_bert_padded_batch_equals_each_example_alone(pooling):
+    module, ids, keep = _hf_module("bert", pooling=pooling)
+    module.eval()
+    with torch.no_grad():
+        batched = module(ids)
+        for i in range(len(ids)):
+            alone = module(ids[i:i + 1, : int(keep[i].sum())])  # the same example without padding
+            torch.testing.assert_close(batched[i], alone[0], atol=1e-5, rtol=0)
 
 
 def test_trunk_is_unchanged_and_records_nothing_for_backward():
