@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ def check_methods(names: list[str]) -> None:
         raise SystemExit(f"bench: {TEST_TIME.unknown_message(unknown[0])}")
 
 
-def _accuracy_key(result: dict[str, float], index: int, count: int) -> str:
+def _accuracy_key(result: Mapping[str, float], index: int, count: int) -> str:
     return "test/acc" if count == 1 else f"test/acc/dataloader_idx_{index}"
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -37,13 +39,9 @@ class WarmupCosineLR(LambdaLR):
         if max_epochs < 1 or warmup_epochs < 0 or warmup_lr < 0:
             raise ValueError(f"WarmupCosineLR needs max_epochs >= 1, warmup_epochs >= 0 and warmup_lr >= 0; got "
                              f"{max_epochs}, {warmup_epochs}, {warmup_lr}")
-        factors = []
+        factors: list[Callable[[int], float]] = []
         for group in optimizer.param_groups:
             base = group.get("initial_lr", group["lr"])
-            factor = warmup_lr / base if base > 0 else 0.0
-
-            def schedule(epoch: int, factor: float = factor) -> float:
-                return warmup_cosine_factor(epoch, max_epochs, warmup_epochs, factor)
-
-            factors.append(schedule)
+            factors.append(partial(warmup_cosine_factor, max_epochs=max_epochs, warmup_epochs=warmup_epochs,
+                                   warmup_factor=warmup_lr / base if base > 0 else 0.0))
         super().__init__(optimizer, factors, last_epoch=last_epoch)
