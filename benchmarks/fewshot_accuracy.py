@@ -6,6 +6,7 @@ rate is picked from a small grid by validation accuracy (min(K, 4) images per cl
 the test accuracy (the fixed 30% split) is reported as mean and spread over the seeds.
 
     .venv/bin/python benchmarks/fewshot_accuracy.py [--source <run>/source_backbone/backbone.safetensors]
+    .venv/bin/python benchmarks/fewshot_accuracy.py --shots 10 --epochs 60
 
 Without ``--source`` the newest exported source backbone under runs/quickstart/ is used, or one is trained and
 exported first (the quickstart's own commands).
@@ -23,6 +24,7 @@ STRATEGIES = {  # label -> (class name, init_args)
     "LinearProbe": ("LinearProbe", {}),
     "FullFinetune": ("FullFinetune", {}),
     "VQT T=1": ("VQT", {"num_queries": 1}),
+    "VQT T=4": ("VQT", {"num_queries": 4}),
     "SHERL": ("SHERL", {}),
 }
 
@@ -93,7 +95,7 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 1e-2])
+    parser.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2, 1e-1])
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
     args = parser.parse_args()
     path = source_backbone(args.source)
