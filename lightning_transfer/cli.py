@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
 import lightning_transfer  # noqa: F401  (fills the registries)
 from lightning_transfer.callbacks.efficiency import EfficiencyMonitor
+from lightning_transfer.checkpointing import PARTIAL_PREFIX
 from lightning_transfer.datamodules.base import TransferDataModule
 from lightning_transfer.loggers import default_wandb_mode
-from lightning_transfer.module import TransferModule
+from lightning_transfer.module import CHECKPOINT_KEY, TransferModule
 from lightning_transfer.registry import BACKBONES, DATAMODULES, STRATEGIES, TEST_TIME, Registry, first_doc_line
 
 # the config keys that choose a registered component, and the registry each one draws from
@@ -118,6 +121,8 @@ class TransferCLI(LightningCLI):
         # Lightning replaces the model config with the checkpoint's hyperparameters; the test-time method is chosen
         # when testing (`test --model.test_time=CAFA --ckpt_path run.ckpt`), not by the run that saved the weights
         sub = self.config.get("subcommand")
+        if sub == "fit" and self.config[sub].get("ckpt_path"):
+            continue_run(self.config[sub])
         chosen = self.config[sub].model.get("test_time") if sub else None
         super()._parse_ckpt_path()
         if chosen is not None:
@@ -128,6 +133,70 @@ class TransferCLI(LightningCLI):
         if config.model.get("test_time") is not None and config.trainer.get("inference_mode", True):
             # test-time methods take gradient steps inside trainer.test
             config.trainer.inference_mode = False
+
+
+# ---- resuming: `fit --ckpt_path last` continues the run (and the W&B run) that wrote the checkpoint -------------
+def continue_run(config: Any) -> None:
+    """Resolve ``ckpt_path=last`` to a file and give the logger the run id stored in the checkpoint.
+
+    Lightning looks for ``last`` in the checkpoint folder of the *new* run, which with a W&B, CSV or TensorBoard
+    logger is named after the new run's version and so is empty: the fit would silently start again. Here ``last``
+    is the newest last checkpoint of any earlier run of the same logger project (or in the configured ``dirpath``),
+    and a W&B logger without an ``id`` resumes the run recorded in the checkpoint instead of starting another.
+    """
+    if config.ckpt_path == "last":
+        found = find_last_checkpoint(config.trainer)
+        if found is None:
+            return  # Lightning warns that there is nothing to resume from
+        config.ckpt_path = str(found)
+    logger = config.trainer.get("logger")
+    if not _is_wandb(logger) or logger.init_args.get("id") or logger.init_args.get("version"):
+        return
+    run_id = checkpoint_run_ids(config.ckpt_path).get("WandbLogger")
+    if run_id:
+        logger.init_args.id = run_id
+
+
+def _is_wandb(logger: Any) -> bool:
+    return bool(logger) and not isinstance(logger, (bool, list)) and str(logger.get("class_path", "")).endswith(
+        "WandbLogger")
+
+
+def _checkpoint_folders(trainer: Any) -> list[Path]:
+    """Where this trainer config's ModelCheckpoint writes: its ``dirpath``, else ``<save_dir>/<project>/*/checkpoints``
+    of the first logger (Lightning's default, one folder per run version); empty when Lightning finds it itself."""
+    callbacks = trainer.get("callbacks") or []
+    dirpaths = [cb.init_args.get("dirpath") for cb in callbacks
+                if str(cb.get("class_path", "")).endswith("ModelCheckpoint") and cb.get("init_args")]
+    if any(dirpaths):
+        return [Path(d) for d in dirpaths if d]
+    logger = trainer.get("logger")
+    logger = logger[0] if isinstance(logger, list) and logger else logger
+    if not logger or isinstance(logger, bool) or not logger.get("init_args"):
+        return []  # no logger: one fixed folder under default_root_dir, which Lightning searches
+    args = logger.init_args
+    root = args.get("save_dir") or args.get("dir") or trainer.get("default_root_dir") or "."
+    if _is_wandb(logger):
+        name = args.get("project") or os.environ.get("WANDB_PROJECT", "lightning_logs")
+    else:
+        name = args.get("name") or "lightning_logs"
+    return sorted((Path(root) / name).glob("*/checkpoints"))
+
+
+def find_last_checkpoint(trainer: Any) -> Path | None:
+    """The most recently written ``*last*.ckpt`` in the folders of :func:`_checkpoint_folders` (partial files of an
+    interrupted save are never candidates)."""
+    candidates = [p for folder in _checkpoint_folders(trainer) if folder.is_dir() for p in folder.iterdir()
+                  if "last" in p.name and p.suffix == ".ckpt" and not p.name.startswith(PARTIAL_PREFIX)]
+    return max(candidates, key=lambda p: p.stat().st_mtime_ns) if candidates else None
+
+
+def checkpoint_run_ids(path: str) -> dict[str, str]:
+    """Logger class name -> run id/version recorded in a checkpoint written by :class:`TransferModule`."""
+    if not Path(path).is_file():
+        return {}
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return dict(checkpoint.get(CHECKPOINT_KEY, {}).get("loggers", {}))
 
 
 def list_components() -> str:

@@ -12,7 +12,9 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
+from lightning_transfer import distributed
 from lightning_transfer.backbones.base import Backbone, tensors_digest
+from lightning_transfer.checkpointing import capture_rng_states, restore_rng_states, use_atomic_checkpoint_io
 from lightning_transfer.heads import LinearHead
 from lightning_transfer.strategies.base import AdaptationStrategy
 from lightning_transfer.test_time.base import TestTimeAdaptation
@@ -46,6 +48,8 @@ class TransferModule(LightningModule):
         lr_scheduler_interval: step the scheduler every ``epoch`` or every ``step``.
         ece_bins: number of bins of the expected calibration error.
     """
+
+    _train_sums: Tensor  # (loss * n, correct, n) of the epoch so far; a non-persistent buffer
 
     def __init__(
         self,
@@ -83,7 +87,9 @@ class TransferModule(LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
-        self.train_metrics = _metrics(num_classes, ece_bins, "train/")
+        # training accuracy and loss are running sums, not torchmetrics: per step they cost one comparison, where a
+        # metric collection update plus self.log() cost milliseconds, a visible share of a small model's step
+        self.register_buffer("_train_sums", torch.zeros(3), persistent=False)  # (loss * n, correct, n)
         self.val_metrics = _metrics(num_classes, ece_bins, "val/")
         self.test_metrics = _metrics(num_classes, ece_bins, "test/")
         # backbone buffers as loaded, to tell which ones training changed (BN statistics) when saving
@@ -110,6 +116,12 @@ class TransferModule(LightningModule):
         })
         self.hparams["_instantiator"] = _INSTANTIATOR
 
+    # ---- trainer set-up -----------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # before Lightning wraps the model (DDP) or writes a checkpoint: what every run of this module needs
+        distributed.find_unused_parameters_from_flags(self.trainer, self.adaptation)
+        use_atomic_checkpoint_io(self.trainer)
+
     # ---- running ------------------------------------------------------------------------------------------
     def forward(self, inputs: Tensor) -> Tensor:
         return self.adaptation(self.backbone, self.head, inputs)  # (B, num_classes)
@@ -119,17 +131,32 @@ class TransferModule(LightningModule):
         self.adaptation.set_train_mode(self.backbone, self.head, mode)
         return self
 
+    def on_train_start(self) -> None:
+        # Lightning (>= 2.2) keeps the modes modules are in and never calls train() at fit start, so without this
+        # a frozen backbone would run in train mode: dropout on, BatchNorm statistics drifting. (Validation saves
+        # and restores each module's mode, so once per fit, resumed ones included, is enough.)
+        self.train()
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         logits = self(batch[0])
         loss = self.adaptation.loss(logits, batch)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch[0]))
-        self.train_metrics.update(logits.detach(), batch[1])
+        targets = batch[1]
+        with torch.no_grad():
+            correct = (logits.argmax(-1) == targets).sum() if targets.ndim == 1 else logits.new_zeros(())
+            self._train_sums += torch.stack([loss.detach().float() * len(targets), correct.float(),
+                                             logits.new_tensor(float(len(targets)))])
+        connector = getattr(self._trainer, "_logger_connector", None)
+        if connector is None or connector.should_update_logs:  # only the steps the loggers record
+            self.log("train/loss_step", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(targets))
         return loss
 
+    def on_train_epoch_start(self) -> None:
+        self._train_sums.zero_()
+
     def on_train_epoch_end(self) -> None:
-        # logged once per epoch, not per step: each self.log call costs milliseconds, which shows on small models
-        self.log_dict(self.train_metrics.compute())  # compute() already gathers across processes
-        self.train_metrics.reset()
+        sums = self.trainer.strategy.reduce(self._train_sums.clone(), reduce_op="sum")  # every process's batches
+        if float(sums[2]) > 0:
+            self.log_dict({"train/loss": sums[0] / sums[2], "train/acc": sums[1] / sums[2]}, sync_dist=False)
 
     def _eval_step(self, batch: Any, metrics: MetricCollection, stage: str, logits: Tensor | None = None) -> Tensor:
         if logits is None:
@@ -205,7 +232,9 @@ class TransferModule(LightningModule):
 
     def split_state_dict(self, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """(kept, omitted): the frozen, unchanged pretrained backbone tensors are omitted from checkpoints."""
-        trainable = {f"{n}" for n, p in self.named_parameters() if p.requires_grad}
+        # FSDP (and activation checkpointing) wrap submodules in place and insert their wrapper into parameter
+        # names; state dict keys are the clean names
+        trainable = {_unwrapped_name(n) for n, p in self.named_parameters() if p.requires_grad}
         initial = self.__dict__["_initial_buffers"]
         kept, omitted = {}, {}
         for key, value in state.items():
@@ -237,7 +266,15 @@ class TransferModule(LightningModule):
             "omitted_keys": len(omitted),
             "omitted_digest": self._omitted_digest(omitted),
             "num_classes": self.num_classes,
+            # every process's random state (collective: Lightning builds the checkpoint on every process), so a fit
+            # resumed from it draws the same dropout masks and augmentations as one never interrupted
+            "rng_states": distributed.gather_objects(capture_rng_states()),
+            # the runs this checkpoint belongs to (the W&B run id), so that resuming continues the same run
+            "loggers": {type(lg).__name__: str(lg.version) for lg in self._loggers() if lg.version is not None},
         }
+
+    def _loggers(self) -> list[Any]:
+        return list(self._trainer.loggers) if self._trainer is not None else []
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state: dict[str, Tensor] = checkpoint["state_dict"]
@@ -248,6 +285,7 @@ class TransferModule(LightningModule):
         meta = checkpoint.get(CHECKPOINT_KEY)
         if meta is None:  # a full checkpoint from elsewhere: strict loading does the checking
             return
+        self._resume_rng_states(meta.get("rng_states"))
         if meta.get("adaptation", type(self.adaptation).__name__) != type(self.adaptation).__name__:
             raise ValueError(
                 f"checkpoint was trained with model.adaptation={meta['adaptation']} but this model uses "
@@ -274,6 +312,13 @@ class TransferModule(LightningModule):
                 "(model.backbone pretrained/checkpoint_path) the run used"
             )
         checkpoint["state_dict"] = {**omitted, **state}
+
+    def _resume_rng_states(self, states: list[dict[str, Any]] | None) -> None:
+        """When a fit resumes from this checkpoint (not when weights are loaded for testing or inference)."""
+        fitting = self._trainer is not None and self._trainer.state.fn == "fit"
+        rank, world = distributed.rank_and_world()
+        if fitting and states and len(states) == world:  # with another process count the shards differ anyway
+            restore_rng_states(states[rank])
 
     def _test_time_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """A test-time method's saved state (CAFA statistics) loads only into a model that has one; a model with a
@@ -304,3 +349,9 @@ class TransferModule(LightningModule):
                 + "build the model with the same backbone and model.adaptation as the run that saved it"
             )
 
+
+def _unwrapped_name(name: str) -> str:
+    """A parameter name without the wrapper modules FSDP and activation checkpointing insert."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+        name = name.replace(wrapper, "")
+    return name

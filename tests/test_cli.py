@@ -61,7 +61,7 @@ def test_fit_logs_to_wandb_offline(tmp_path):
     run = cli.trainer.logger.experiment
     try:
         summary = dict(run.summary)
-        for key in ("train/loss_epoch", "val/acc", "params/trainable", "params/total", "perf/train_samples_per_s",
+        for key in ("train/loss", "val/acc", "params/trainable", "params/total", "perf/train_samples_per_s",
                     "memory/saved_for_backward_mb", "memory/peak_rss_mb", "checkpoint/size_mb"):
             assert key in summary, key
         assert run.config["model.adaptation.class_path"].endswith("FullFinetune")

@@ -31,13 +31,31 @@ def test_metrics_per_stage_include_top5_and_ece():
     trainer = _trainer(max_epochs=1)
     dm = Digits(task="target", num_shots=3, batch_size=8)
     trainer.fit(module, datamodule=dm)
-    assert {"val/acc", "val/ece", "train/acc", "train/loss_epoch"} <= set(trainer.logged_metrics)
+    assert {"val/acc", "val/ece", "train/acc", "train/loss"} <= set(trainer.logged_metrics)
     metrics = trainer.test(module, datamodule=dm, verbose=False)[0]
     assert {"test/acc", "test/acc_top5", "test/ece", "test/loss"} <= set(metrics)
     assert metrics["test/acc_top5"] == pytest.approx(1.0)  # 5 classes: the true class is always in the top 5
     assert 0.0 <= metrics["test/ece"] <= 1.0
     few = TransferModule(tiny_vit(), LinearProbe(), num_classes=3)
     assert "acc_top5" not in few.val_metrics  # top-5 only where there are at least 5 classes
+
+
+def test_training_loss_and_accuracy_are_the_epoch_means():
+    # lr=0: the model never changes, so the epoch's training numbers equal one pass over the training set
+    module = TransferModule(tiny_vit(), LinearProbe(), num_classes=5,
+                            optimizer=lambda params: torch.optim.SGD(params, lr=0.0))
+    dm = Digits(task="target", num_shots=5, batch_size=4)  # 25 images: batches of 4, 4, ..., 1
+    trainer = _trainer(max_epochs=1, limit_val_batches=0, log_every_n_steps=1)
+    trainer.fit(module, datamodule=dm)
+    module.train()
+    with torch.no_grad():
+        batches = [(module(x), y) for x, y in dm.train_dataloader()]
+    logits, labels = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    expected_loss = torch.nn.functional.cross_entropy(logits, labels)
+    assert float(trainer.logged_metrics["train/loss"]) == pytest.approx(float(expected_loss), rel=1e-5)
+    accuracy = (logits.argmax(-1) == labels).float().mean()
+    assert float(trainer.logged_metrics["train/acc"]) == pytest.approx(float(accuracy))
+    assert "train/loss_step" in trainer.logged_metrics
 
 
 def test_optimizer_groups_layer_decay_and_no_decay():

@@ -46,18 +46,23 @@ class _QueryAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, q: Tensor, tokens: Tensor, k: Tensor, v: Tensor, block: nn.Module) -> Tensor:
+        device = q.device.type
         ctx.block = block
+        # backward runs outside autocast: it recomputes k and v under the forward's autocast state (mixed precision)
+        ctx.autocast = device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device)
         ctx.save_for_backward(q, tokens)
         return F.scaled_dot_product_attention(q, k, v)  # (B, H, T, d)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None]:
         q, tokens = ctx.saved_tensors
-        with torch.no_grad():
-            k, v = _keys_values(ctx.block, tokens)
-        with torch.enable_grad():
-            q = q.detach().requires_grad_(True)
-            (dq,) = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v), q, grad)
+        device, dtype, enabled = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            with torch.no_grad():
+                k, v = _keys_values(ctx.block, tokens)
+            with torch.enable_grad():
+                q = q.detach().requires_grad_(True)
+                (dq,) = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v), q, grad)
         return dq, None, None, None, None
 
 

@@ -10,8 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
+
+from lightning_transfer.datamodules.resumable import EpochShuffleSampler, ResumableDataLoader, shuffle_seed
 
 
 def default_data_dir() -> str:
@@ -142,7 +145,17 @@ class TransferDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        """Shuffled per epoch from the run's seed, split across processes, and resumable mid-epoch."""
+        if "train" not in self.datasets:
+            return self._loader("train", shuffle=True)  # raises the "call setup first" error
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = EpochShuffleSampler(self.datasets["train"], num_replicas=world, rank=rank,
+                                      seed=shuffle_seed(world))
+        return ResumableDataLoader(
+            self.datasets["train"], batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0, generator=torch.Generator(),
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_transfer import distributed
 from lightning_transfer.test_time.base import TestTimeAdaptation
 
 if TYPE_CHECKING:
@@ -218,14 +219,18 @@ class NormAffineAdaptation(TestTimeAdaptation):
         use_batch_statistics(self.layers)  # Lightning may have called eval() since the last batch
         inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
         first: Tensor | None = None
-        for _ in range(self.steps):
-            features, logits = self.features_and_logits(module, inputs)
-            loss = self.loss(features, logits)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            if first is None:
-                first = logits.detach()  # the prediction made before this batch's update (as Tent returns)
+        # under DDP: BatchNorm statistics and gradients of the batch all processes see together, so N processes
+        # with batch B adapt exactly as one process with batch N * B
+        with distributed.global_batch_statistics(self.layers):
+            for _ in range(self.steps):
+                features, logits = self.features_and_logits(module, inputs)
+                loss = self.loss(features, logits)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                distributed.average_gradients_(self.params)
+                self.optimizer.step()
+                if first is None:
+                    first = logits.detach()  # the prediction made before this batch's update (as Tent returns)
         self.optimizer.zero_grad(set_to_none=True)
         assert first is not None
         return first

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
 
+from lightning_transfer import distributed
 from lightning_transfer.registry import register_test_time
 from lightning_transfer.test_time._norm import FeatureCapture, NormAffineAdaptation, NormKind
 
@@ -17,23 +21,44 @@ if TYPE_CHECKING:
 _STATS = ("class_means", "class_covariances", "class_counts")
 
 
+def class_moments(features: Tensor, labels: Tensor, num_classes: int, tied: bool = False
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """Additive per-class sums, the pieces of the class statistics that batches and processes add up.
+
+    features (N, D), labels (N,) -> counts (C,), sums (C, D), second moments sum f f^T: (C, D, D), or (1, D, D)
+    over all samples when ``tied``; all float64. Never materialises (N, D, D).
+    """
+    f = features.double()
+    counts = torch.bincount(labels, minlength=num_classes).double()  # (C,)
+    sums = torch.zeros(num_classes, f.shape[1], dtype=torch.float64, device=f.device).index_add_(0, labels, f)
+    if tied:
+        return counts, sums, (f.T @ f)[None]
+    second = torch.zeros(num_classes, f.shape[1], f.shape[1], dtype=torch.float64, device=f.device)
+    for c in labels.unique().tolist():
+        fc = f[labels == c]  # (N_c, D)
+        second[c] = fc.T @ fc
+    return counts, sums, second
+
+
+def statistics_from_moments(counts: Tensor, sums: Tensor, second: Tensor, tied: bool = False
+                            ) -> tuple[Tensor, Tensor, Tensor]:
+    """counts (C,), sums (C, D), second moments (C or 1, D, D) -> means (C, D), biased covariances, counts."""
+    means = sums / counts.clamp_min(1)[:, None]  # (C, D)
+    if tied:  # one covariance pooled over classes: sum_c sum_i (f - mu_c)(f - mu_c)^T / N
+        scatter = second[0] - torch.einsum("c,cd,ce->de", counts, means, means)
+        covs = (scatter / counts.sum())[None]
+    else:
+        covs = second / counts.clamp_min(1)[:, None, None] - means[:, :, None] * means[:, None, :]
+    return means, (covs + covs.transpose(-1, -2)) / 2, counts  # exactly symmetric for the Cholesky
+
+
 def class_statistics(features: Tensor, labels: Tensor, num_classes: int, tied: bool = False
                      ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-class means and (biased, 1/N_c) covariances, or one covariance pooled over classes (``tied``).
 
     features (N, D), labels (N,) -> means (C, D), covariances (C or 1, D, D), counts (C,); all float64.
     """
-    f = features.double()
-    counts = torch.bincount(labels, minlength=num_classes).double()  # (C,)
-    means = torch.zeros(num_classes, f.shape[1], dtype=torch.float64, device=f.device).index_add_(0, labels, f)
-    means = means / counts.clamp_min(1)[:, None]
-    centred = f - means[labels]  # (N, D)
-    outer = centred[:, :, None] * centred[:, None, :]  # (N, D, D)
-    scatter = torch.zeros(num_classes, *outer.shape[1:], dtype=torch.float64, device=f.device)
-    scatter.index_add_(0, labels, outer)  # (C, D, D)
-    if tied:
-        return means, (scatter.sum(0) / counts.sum())[None], counts
-    return means, scatter / counts.clamp_min(1)[:, None, None], counts
+    return statistics_from_moments(*class_moments(features, labels, num_classes, tied), tied=tied)
 
 
 def precision_matrices(covariances: Tensor, ridge: float) -> Tensor:
@@ -147,21 +172,26 @@ class CAFA(NormAffineAdaptation):
 
     @torch.no_grad()
     def source_statistics(self, module: TransferModule, datamodule: Any) -> tuple[Tensor, Tensor, Tensor]:
-        """Features of the source (training) split with the unadapted model -> class statistics."""
-        loader = self._source_loader(datamodule)
+        """Features of the source (training) split with the unadapted model -> class statistics.
+
+        The source batches follow one fixed shuffled order (so ``max_source_batches`` draws the same subset every
+        run); with several processes each takes every N-th of them and the class sums are added across processes,
+        so every process ends with the statistics one process computes from all the batches.
+        """
+        batches = self._source_batches(self._source_loader(datamodule))
         module.eval()  # the source model: running BatchNorm statistics
         capture = FeatureCapture(module)
-        features, labels = [], []
-        for i, batch in enumerate(loader):
-            if self.max_source_batches is not None and i >= self.max_source_batches:
-                break
-            f, _ = capture(batch[0].to(module.device))
-            features.append(f.float())
-            labels.append(batch[1].to(module.device).long())
-        feats, labs = torch.cat(features), torch.cat(labels)  # (N, D), (N,)
-        num_classes = module.num_classes or int(labs.max()) + 1
-        means, covs, counts = class_statistics(feats, labs, num_classes, tied=self.covariance == "tied")
-        empty = [c for c in range(num_classes) if counts[c] == 0]
+        moments: list[Tensor] | None = None
+        tied = self.covariance == "tied"
+        num_classes = module.num_classes
+        for batch in batches:
+            f, logits = capture(batch[0].to(module.device))  # (B, D), (B, C)
+            num_classes = num_classes or logits.shape[1]
+            new = class_moments(f.float(), batch[1].to(module.device).long(), num_classes, tied)
+            moments = list(new) if moments is None else [m + n for m, n in zip(moments, new)]
+        total_counts, sums, second = self._sum_across_processes(moments, module, tied)
+        means, covs, counts = statistics_from_moments(total_counts, sums, second, tied=tied)
+        empty = [c for c in range(len(counts)) if counts[c] == 0]
         if empty:
             raise ValueError(
                 f"CAFA source statistics: classes {empty} have no samples in the training split; use more source "
@@ -181,11 +211,39 @@ class CAFA(NormAffineAdaptation):
             datamodule.setup("fit")
             return datamodule.train_dataloader()
 
+    def _source_batches(self, loader: Any) -> Any:
+        """This process's share of a fixed shuffled order of the source batches (all of them in one process)."""
+        rank, world = distributed.rank_and_world()
+        dataset = getattr(loader, "dataset", None)
+        if dataset is None or isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+            return (b for i, b in enumerate(islice(loader, self.max_source_batches)) if i % world == rank)
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
+        batches = order.split(loader.batch_size or 1)[:self.max_source_batches]
+        return DataLoader(dataset, batch_sampler=[b.tolist() for b in batches[rank::world]],
+                          num_workers=loader.num_workers, collate_fn=loader.collate_fn)
+
+    @staticmethod
+    def _sum_across_processes(moments: list[Tensor] | None, module: TransferModule, tied: bool) -> list[Tensor]:
+        # a process without a batch (fewer batches than processes) contributes zeros of the common shapes
+        shapes = distributed.gather_objects(None if moments is None else tuple(moments[1].shape))
+        shape = next((s for s in shapes if s is not None), None)
+        if shape is None:
+            raise ValueError("CAFA source statistics: the training split gave no batches")
+        if moments is None:
+            classes, dim = shape
+            sizes = [(classes,), (classes, dim), (1 if tied else classes, dim, dim)]
+            moments = [torch.zeros(size, dtype=torch.float64, device=module.device) for size in sizes]
+        return [distributed.sum_across_ranks_(m) for m in moments]
+
     def _save_statistics(self, path: str) -> None:
         from safetensors.torch import save_file
 
+        if not distributed.is_rank_zero():  # every process holds the same statistics; one writes them
+            return
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_file({n: getattr(self, n).detach().cpu().contiguous() for n in _STATS}, path)
+        partial = f"{path}.partial-{os.getpid()}"
+        save_file({n: getattr(self, n).detach().cpu().contiguous() for n in _STATS}, partial)
+        os.replace(partial, path)  # atomic: a concurrent reader never sees half a file
 
     def _load_statistics(self, path: str) -> None:
         from safetensors.torch import load_file

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from lightning_transfer import distributed
 from lightning_transfer.registry import register_test_time
 from lightning_transfer.test_time._norm import find_norm_layers, use_batch_statistics
 from lightning_transfer.test_time.base import TestTimeAdaptation
@@ -48,5 +49,6 @@ class BNAdapt(TestTimeAdaptation):
             raise RuntimeError("BNAdapt.adapt called before prepare(module, datamodule)")
         use_batch_statistics(self.layers)  # Lightning may have called eval() since the last batch
         inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
-        with torch.no_grad():
+        # under DDP, the statistics of the batch all processes see together (as one process with the global batch)
+        with torch.no_grad(), distributed.global_batch_statistics(self.layers):
             return module(inputs)  # (B, C)
