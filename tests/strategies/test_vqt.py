@@ -253,20 +253,24 @@ def test_clear_errors_at_construction():
 
 
 def test_vtab_recipe_builds_with_the_paper_schedule(tmp_path):
-    from PIL import Image
+    import yaml
 
     from lightning_transfer.cli import TransferCLI
+    from lightning_transfer.datamodules.vtab import VTAB_TASKS, VTAB1k
     from tests.conftest import REPO
 
-    for split in ("train", "test"):
-        for cls in ("a", "b"):
-            (tmp_path / "task" / split / cls).mkdir(parents=True)
-            Image.new("RGB", (32, 32)).save(tmp_path / "task" / split / cls / "0.png")
+    overlays = REPO / "configs/experiment/vqt_vtab"
+    assert sorted(p.stem for p in overlays.glob("*.yaml")) == sorted(VTAB_TASKS)  # one per task
+    queries = {p.stem: yaml.safe_load(p.read_text())["model"]["adaptation"]["init_args"]["num_queries"]
+               for p in overlays.glob("*.yaml")}
+    assert {t for t, q in queries.items() if q == 20} == {"svhn", "dmlab", "dsprites_loc", "smallnorb_azi", "kitti"}
+    assert {t for t, q in queries.items() if q == 10} == {"clevr_dist", "smallnorb_ele"}
     cli = TransferCLI(args=["--config", str(REPO / "configs/experiment/vit_b16_vqt_vtab.yaml"),
+                            "--config", str(overlays / "svhn.yaml"),
                             "--model.backbone.init_args.pretrained=false",  # offline: same architecture, no download
                             "--model.backbone.init_args.model_kwargs={depth: 2}",
-                            f"--data.init_args.root={tmp_path / 'task'}", "--trainer.logger=false",
-                            "--model.adaptation.init_args.num_queries=20"], run=False)
+                            f"--data.init_args.data_dir={tmp_path}", "--trainer.logger=false"], run=False)
+    assert isinstance(cli.datamodule, VTAB1k) and cli.datamodule.num_classes == 10 and cli.model.num_classes == 10
     assert isinstance(cli.model.adaptation, VQT) and cli.model.adaptation.num_queries == 20
     assert cli.trainer.max_epochs == 100 and cli.datamodule.batch_size == 128
     assert cli.model.backbone.data_config()["input_size"] == (3, 224, 224)
