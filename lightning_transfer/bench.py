@@ -69,6 +69,12 @@ def _inference_throughput(module: Any, loader: Any, max_batches: int = 20) -> fl
     return seen / elapsed if elapsed > 0 else float("nan")
 
 
+def _test_batch_budget(trainer: Any, default: int = 20) -> int:
+    """Batches for the inference timing: 20, or fewer where the config limits the test batches to a number."""
+    limit = getattr(trainer, "limit_test_batches", None)
+    return max(2, min(default, limit)) if isinstance(limit, int) and not isinstance(limit, bool) else default
+
+
 def run_one(configs: list[str], overrides: list[str], seed: int, workdir: Path) -> dict[str, Any]:
     """Fit and test one configuration in this process; return its row (metrics + provenance)."""
     from lightning_transfer.callbacks.efficiency import EfficiencyMonitor
@@ -95,7 +101,8 @@ def run_one(configs: list[str], overrides: list[str], seed: int, workdir: Path) 
         "trainable_pct": m.get("params/trainable_pct"), "checkpoint_mb": ckpt.stat().st_size / 2**20,
         "saved_for_backward_mb": m.get("memory/saved_for_backward_mb"), "peak_rss_mb": m.get("memory/peak_rss_mb"),
         "cuda_peak_mb": m.get("memory/cuda_peak_mb"), "train_samples_per_s": m.get("perf/train_samples_per_s"),
-        "infer_samples_per_s": _inference_throughput(cli.model, cli.datamodule.test_dataloader()),
+        "infer_samples_per_s": _inference_throughput(cli.model, cli.datamodule.test_dataloader(),
+                                                     max_batches=_test_batch_budget(cli.trainer)),
         "fit_seconds": fit_seconds, "config": cli.parser.dump(cli.config, skip_none=False, format="yaml"),
     }
 

@@ -111,3 +111,14 @@ def test_tables_can_omit_accuracy_for_random_weight_runs(tmp_path):
     assert "top1" not in (tmp_path / "results.md").read_text()
     write_tables(table, tmp_path)
     assert "top1_mean" in (tmp_path / "results.csv").read_text()
+
+
+def test_inference_timing_respects_an_integer_test_batch_limit():
+    from types import SimpleNamespace
+
+    from lightning_transfer.bench import _test_batch_budget
+
+    assert _test_batch_budget(SimpleNamespace(limit_test_batches=4)) == 4
+    assert _test_batch_budget(SimpleNamespace(limit_test_batches=1)) == 2  # one warm-up batch + one timed
+    assert _test_batch_budget(SimpleNamespace(limit_test_batches=1.0)) == 20  # a fraction: the default
+    assert _test_batch_budget(SimpleNamespace(limit_test_batches=500)) == 20
