@@ -106,6 +106,8 @@ class TransferDataModule(LightningDataModule):
         self._data_config = dict(data_config) if data_config else None
         self.datasets: dict[str, Dataset] = {}
         self.splits: dict[str, list] = {}
+        # several test sets (e.g. one per corruption and severity): one test dataloader each, in order
+        self.test_sets: list[Dataset] = []
 
     # ---- what the model needs -----------------------------------------------------------------------------
     @property
@@ -160,16 +162,27 @@ class TransferDataModule(LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> Any:
+        if len(self.test_sets) > 1:  # Lightning then reports each under its dataloader index
+            return [DataLoader(d, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+                    for d in self.test_sets]
         return self._loader("test", shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
 
+    def split_info(self) -> dict[str, Any]:
+        """What identifies this run's data (empty before ``setup``): the hash of the split membership; subclasses
+        add the protocol variant and sizes."""
+        if not self.splits:
+            return {}
+        return {"data/split_digest": split_digest(self.splits), "data/name": type(self).__name__}
+
     def log_split_digest(self) -> None:
-        """Log the hash of the split membership to the Trainer's loggers."""
-        if self.trainer is None or not self.splits:
+        """Log :meth:`split_info` to the Trainer's loggers, so two runs can prove they used the same data."""
+        trainer = self.trainer
+        info = self.split_info() if trainer is not None else {}
+        if trainer is None or not info:
             return
-        info = {"data/split_digest": split_digest(self.splits), "data/name": type(self).__name__}
-        for logger in self.trainer.loggers:
+        for logger in trainer.loggers:
             logger.log_hyperparams(info)

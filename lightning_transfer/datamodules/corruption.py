@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from lightning_transfer.datamodules.base import TransferDataModule, fewshot_indices, stratified_split
 from lightning_transfer.registry import register_datamodule
@@ -426,7 +426,6 @@ class NpzImages(TransferDataModule):
         self.corrupted_dir = corrupted_dir
         self.train_file, self.test_file, self.val_fraction = train_file, test_file, val_fraction
         self._class_names = class_names
-        self.test_sets: list[TensorDataset] = []
 
     @property
     def test_names(self) -> list[str]:
@@ -491,10 +490,3 @@ class NpzImages(TransferDataModule):
             self.datasets["train"] = TensorDataset(images[rest], labels[rest])
             self.datasets["val"] = TensorDataset(images[held], labels[held])
         self.log_split_digest()
-
-    def test_dataloader(self) -> Any:
-        if not self.test_sets:
-            raise RuntimeError("NpzImages has no test split (call setup first)")
-        loaders = [DataLoader(d, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
-                   for d in self.test_sets]
-        return loaders if len(loaders) > 1 else loaders[0]

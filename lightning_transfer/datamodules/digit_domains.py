@@ -221,12 +221,7 @@ class DigitDomains(TransferDataModule):
 
     def split_info(self) -> dict[str, Any]:
         """Hash of the split membership (indices and labels), the source/target variant and the split sizes."""
+        if not self.splits:
+            return {}
         return {"data/split_digest": split_digest(self._digest_items), "data/name": type(self).__name__,
                 "data/variant": self.variant, **{f"data/num_{k}": len(v) for k, v in self.splits.items()}}
-
-    def log_split_digest(self) -> None:
-        if self.trainer is None or not self.splits:
-            return
-        info = self.split_info()
-        for logger in self.trainer.loggers:
-            logger.log_hyperparams(info)

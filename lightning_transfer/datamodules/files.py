@@ -236,6 +236,8 @@ class FileListDataModule(TransferDataModule):
 
     def split_info(self) -> dict[str, Any]:
         """Hash of the split membership (relative paths and labels) and the protocol variant."""
+        if not self.samples:
+            return {}
         rel = {k: [f"{self._relative(p)}:{y}" for p, y in v] for k, v in self.samples.items()}
         return {"data/split_digest": split_digest(rel), "data/name": type(self).__name__,
                 "data/variant": self.variant or "default",
@@ -247,10 +249,3 @@ class FileListDataModule(TransferDataModule):
             return str(Path(path).relative_to(root)) if root is not None else str(path)
         except ValueError:
             return str(path)
-
-    def log_split_digest(self) -> None:
-        if self.trainer is None or not self.samples:
-            return
-        info = self.split_info()
-        for logger in self.trainer.loggers:
-            logger.log_hyperparams(info)

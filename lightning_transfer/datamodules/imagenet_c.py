@@ -10,8 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import DataLoader, Dataset
-
 from lightning_transfer.datamodules.base import fewshot_indices
 from lightning_transfer.datamodules.corruption import CORRUPTIONS
 from lightning_transfer.datamodules.files import FileListDataModule, Sample, check_labels, image_files
@@ -74,7 +72,6 @@ class ImageNetC(FileListDataModule):
         self.root = Path(root).expanduser() if root else self.data_dir / "ImageNet-C"
         self.clean_dir = Path(clean_dir).expanduser() if clean_dir else None
         self.variant = f"imagenet-c/{images_per_class or 'all'}-per-class"
-        self.test_sets: list[Dataset] = []
         self._class_names: list[str] | None = None
 
     @property
@@ -145,10 +142,3 @@ class ImageNetC(FileListDataModule):
         if self.clean_dir is not None and Path(path).is_relative_to(self.clean_dir):
             return f"clean/{Path(path).relative_to(self.clean_dir)}"  # hashed without the machine's folder names
         return super()._relative(path)
-
-    def test_dataloader(self) -> Any:
-        if not self.test_sets:
-            raise RuntimeError("ImageNetC has no test sets (call setup first)")
-        loaders = [DataLoader(d, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
-                   for d in self.test_sets]
-        return loaders if len(loaders) > 1 else loaders[0]

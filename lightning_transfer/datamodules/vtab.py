@@ -147,6 +147,8 @@ class VTAB1k(FileListDataModule):
 
     def split_info(self) -> dict[str, Any]:
         """The base's split hash and variant, plus a hash of the first 8 training files' bytes (cheap to read)."""
+        if not self.samples:
+            return {}
         content = hashlib.sha256()
         for path, _ in self.samples["train"][:8]:
             content.update(Path(path).read_bytes())
