@@ -41,7 +41,7 @@ def _loader(backbone: TimmBackbone, batch: int, batches: int) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False)
 
 
-def _plain_epoch(model: TransferModule, optimizer: torch.optim.Optimizer, loader: DataLoader) -> float:
+def _plain_epoch(model: LightningModule, optimizer: torch.optim.Optimizer, loader: DataLoader) -> float:
     model.train()
     start = time.perf_counter()
     for x, y in loader:
@@ -55,12 +55,9 @@ def _plain_epoch(model: TransferModule, optimizer: torch.optim.Optimizer, loader
 class _Interleave(Callback):
     """Times each Lightning training epoch, then runs and times one plain epoch on the copy."""
 
-    def __init__(self, plain: TransferModule, loader: DataLoader) -> None:
-        self.plain, self.loader = plain, loader
-        # the same optimizer the Lightning side gets: the strategy's parameter groups (no-decay split, lr scales)
-        configure = getattr(plain, "configure_optimizers", None)
-        self.optimizer = configure() if isinstance(plain, TransferModule) and configure else torch.optim.AdamW(
-            [p for p in plain.parameters() if p.requires_grad], lr=1e-3)
+    def __init__(self, plain: LightningModule, loader: DataLoader) -> None:
+        # the same optimizer the Lightning side gets (for TransferModule: the strategy's parameter groups)
+        self.plain, self.loader, self.optimizer = plain, loader, plain.configure_optimizers()
         self.lightning_s: list[float] = []
         self.plain_s: list[float] = []
 
@@ -116,7 +113,6 @@ def lightning_floor(steps: int = 300, epochs: int = 3) -> tuple[float, float]:
                         batch_size=64)
     model, plain = _Bare(), _Bare()
     timer = _Interleave(plain, loader)
-    timer.optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-3)
     trainer = Trainer(max_epochs=epochs + 1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, callbacks=[timer], accelerator="cpu", log_every_n_steps=50)
     trainer.fit(model, train_dataloaders=loader)

@@ -75,14 +75,19 @@ def _test_batch_budget(trainer: Any, default: int = 20) -> int:
     return max(2, min(default, limit)) if isinstance(limit, int) and not isinstance(limit, bool) else default
 
 
+def run_args(configs: list[str], overrides: list[str], seed: int, workdir: Path) -> list[str]:
+    """The CLI arguments of one run: the configs in order, the overrides, the seed, no logger, output in workdir."""
+    args = [item for c in configs for item in ("--config", c)] + list(overrides)
+    return args + [f"--seed_everything={seed}", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+                   "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={workdir}"]
+
+
 def run_one(configs: list[str], overrides: list[str], seed: int, workdir: Path) -> dict[str, Any]:
     """Fit and test one configuration in this process; return its row (metrics + provenance)."""
     from lightning_transfer.callbacks.efficiency import EfficiencyMonitor
     from lightning_transfer.cli import TransferCLI
 
-    args = [item for c in configs for item in ("--config", c)] + list(overrides)
-    args += [f"--seed_everything={seed}", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-             "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={workdir}"]
+    args = run_args(configs, overrides, seed, workdir)
     cli = TransferCLI(args=args, run=False)
     if getattr(cli.datamodule, "seed", seed) != seed:  # vary the K-shot draw with the seed too
         cli = TransferCLI(args=[*args, f"--data.init_args.seed={seed}"], run=False)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,19 +32,17 @@ def check_methods(names: list[str]) -> None:
         raise SystemExit(f"bench: {TEST_TIME.unknown_message(unknown[0])}")
 
 
-def _accuracy_key(result: Mapping[str, float], index: int, count: int) -> str:
+def _accuracy_key(index: int, count: int) -> str:
     return "test/acc" if count == 1 else f"test/acc/dataloader_idx_{index}"
 
 
 def run_tta(configs: list[str], overrides: list[str], seed: int, workdir: Path, ckpt: str | None,
             fit: bool) -> dict[str, Any]:
     """Test one method (its config is the last of ``configs``) on every test dataloader; fit first if ``fit``."""
+    from lightning_transfer.bench import run_args
     from lightning_transfer.cli import TransferCLI
 
-    args = [item for c in configs for item in ("--config", c)] + list(overrides)
-    args += [f"--seed_everything={seed}", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-             "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={workdir}"]
-    cli = TransferCLI(args=args, run=False)
+    cli = TransferCLI(args=run_args(configs, overrides, seed, workdir), run=False)
     row: dict[str, Any] = {}
     if fit:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -56,7 +53,7 @@ def run_tta(configs: list[str], overrides: list[str], seed: int, workdir: Path, 
     names = list(getattr(cli.datamodule, "test_names", None) or [str(i) for i in range(len(results))])
     if len(names) != len(results):
         names = [str(i) for i in range(len(results))]
-    errors = {name: 1.0 - float(r[_accuracy_key(r, i, len(results))]) for i, (name, r) in
+    errors = {name: 1.0 - float(r[_accuracy_key(i, len(results))]) for i, (name, r) in
               enumerate(zip(names, results))}
     row.update(errors=errors, mean_error=sum(errors.values()) / len(errors),
                config=cli.parser.dump(cli.config, skip_none=False, format="yaml"))
