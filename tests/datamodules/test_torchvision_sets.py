@@ -14,50 +14,26 @@ import tarfile
 from collections import Counter
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torchvision.datasets
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import Logger
-from PIL import Image
 
 from lightning_transfer.datamodules import DTD, UCF101, Caltech101, EuroSAT, FGVCAircraft, ImageNet, OxfordPets
 from lightning_transfer.module import TransferModule
 from lightning_transfer.strategies import LinearProbe
+from tests.helpers.coop_data import PETS, coop_pets, write_image
 from tests.helpers.local_server import serve_folder
 from tests.helpers.models import tiny_cnn
 
 CFG = {"input_size": (3, 16, 16), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear",
        "crop_pct": 1.0}
-PETS = ["Abyssinian", "american_bulldog", "beagle"]  # image-id prefixes, as in the Oxford-IIIT Pet release
-
-
-def _image(path, seed=0):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(path)
-
-
-def _coop_pets(data_dir, counts=(6, 3, 3), image_folder="oxford_pets/images"):
-    """CoOp's Oxford Pets: images/<Breed>_<n>.jpg and split_zhou_OxfordPets.json (class names lower case)."""
-    split, n = {}, 0
-    for name, count in zip(("train", "val", "test"), counts):
-        split[name] = []
-        for label, breed in enumerate(PETS):
-            for _ in range(count):
-                n += 1
-                _image(data_dir / image_folder / f"{breed}_{n}.jpg", n)
-                split[name].append([f"{breed}_{n}.jpg", label, breed.lower()])
-    (data_dir / "oxford_pets").mkdir(parents=True, exist_ok=True)
-    (data_dir / "oxford_pets" / "split_zhou_OxfordPets.json").write_text(json.dumps(split))
-    return split
-
-
 def _digest(dm):
     return dm.split_info()["data/split_digest"]
 
 
 def test_coop_split_names_kshot_and_digest(tmp_path):
-    _coop_pets(tmp_path)
+    coop_pets(tmp_path)
     dm = OxfordPets(data_dir=str(tmp_path), num_shots=2, seed=1, data_config=CFG, batch_size=4)
     dm.setup()
     assert dm.class_names == ["abyssinian", "american bulldog", "beagle"]
@@ -97,7 +73,7 @@ def test_missing_data_says_where_and_how(tmp_path):
 
 
 def test_bad_label_corrupt_json_and_corrupt_image_name_the_file(tmp_path):
-    split = _coop_pets(tmp_path, counts=(2, 1, 1))
+    split = coop_pets(tmp_path, counts=(2, 1, 1))
     path = tmp_path / "oxford_pets" / "split_zhou_OxfordPets.json"
     path.write_text(json.dumps({**split, "test": [*split["test"], ["beagle_99.jpg", 7, "beagle"]]}))
     with pytest.raises(ValueError, match=r"split_zhou_OxfordPets.json.*\(test\): label 7 of .*beagle_99\.jpg.* "
@@ -124,7 +100,7 @@ def _fgvc(folder):
         for variant in variants:
             for _ in range(count):
                 n += 1
-                _image(folder / "images" / f"{n}.jpg", n)
+                write_image(folder / "images" / f"{n}.jpg", n)
                 lines.append(f"{n} {variant}")
         (folder / f"images_variant_{split}.txt").write_text("\n".join(lines) + "\n")
 
@@ -150,7 +126,7 @@ def test_imagenet_folders_and_classnames(tmp_path):
     for split, count in (("train", 5), ("val", 2)):
         for k, wnid in enumerate(("n01440764", "n01443537")):
             for i in range(count):
-                _image(root / "images" / split / wnid / f"{wnid}_{i}.JPEG", 10 * k + i)
+                write_image(root / "images" / split / wnid / f"{wnid}_{i}.JPEG", 10 * k + i)
     (root / "classnames.txt").write_text("n01440764 tench\nn01443537 goldfish\n")
     dm = ImageNet(data_dir=str(tmp_path), num_shots=3, data_config=CFG)
     dm.setup()
@@ -167,7 +143,7 @@ def test_ucf101_middle_frames(tmp_path):
     split = {s: [] for s in ("train", "val", "test")}
     for label, action in enumerate(("Apply_Eye_Makeup", "Basketball")):
         for i, s in enumerate(("train", "train", "val", "test")):
-            _image(folder / action / f"v_{action}_g0{i}_c01.jpg", i)
+            write_image(folder / action / f"v_{action}_g0{i}_c01.jpg", i)
             split[s].append([f"{action}/v_{action}_g0{i}_c01.jpg", label, action])
     (tmp_path / "ucf101" / "split_zhou_UCF101.json").write_text(json.dumps(split))
     dm = UCF101(data_dir=str(tmp_path), data_config=CFG)
@@ -184,7 +160,7 @@ def test_torchvision_pets_names_match_coop(tmp_path):
         for label, breed in enumerate(PETS):
             for i in range(count):
                 image_id = f"{breed}_{split}{i}"
-                _image(base / "images" / f"{image_id}.jpg", i)
+                write_image(base / "images" / f"{image_id}.jpg", i)
                 lines.append(f"{image_id} {label + 1} {1 if breed[0].isupper() else 2} 1")
         (base / "annotations" / f"{split}.txt").write_text("\n".join(lines) + "\n")
     dm = OxfordPets(data_dir=str(tmp_path), protocol="torchvision", data_config=CFG)
@@ -196,7 +172,7 @@ def test_torchvision_pets_names_match_coop(tmp_path):
 def test_torchvision_sets_without_official_split(tmp_path):
     for cls in ("AnnualCrop", "Forest", "SeaLake"):
         for i in range(10):
-            _image(tmp_path / "eurosat" / "2750" / cls / f"{cls}_{i}.jpg", i)
+            write_image(tmp_path / "eurosat" / "2750" / cls / f"{cls}_{i}.jpg", i)
     dm = EuroSAT(data_dir=str(tmp_path), protocol="torchvision", data_config=CFG)
     dm.setup()
     assert dm.class_names == ["Annual Crop Land", "Forest", "Sea or Lake"]
@@ -205,7 +181,7 @@ def test_torchvision_sets_without_official_split(tmp_path):
     folder = tmp_path / "caltech101" / "101_ObjectCategories"
     for cls in ("BACKGROUND_Google", "Faces", "Faces_easy", "dollar_bill"):
         for i in range(1, 5):
-            _image(folder / cls / f"image_{i:04d}.jpg", i)
+            write_image(folder / cls / f"image_{i:04d}.jpg", i)
     caltech = Caltech101(data_dir=str(tmp_path), protocol="torchvision", data_config=CFG)
     caltech.setup()
     assert caltech.class_names == ["face", "Faces easy", "dollar bill"]
@@ -218,7 +194,7 @@ def _dtd_archive(folder):
     lines = {"train": [], "val": [], "test": []}
     for cls in ("banded", "zigzagged"):
         for i, split in enumerate(("train", "train", "train", "val", "test", "test")):
-            _image(folder / "dtd" / "images" / cls / f"{cls}_{i:04d}.jpg", i)
+            write_image(folder / "dtd" / "images" / cls / f"{cls}_{i:04d}.jpg", i)
             lines[split].append(f"{cls}/{cls}_{i:04d}.jpg")
     (folder / "dtd" / "labels").mkdir()
     for split, rows in lines.items():
@@ -270,7 +246,7 @@ class _Recorder(Logger):
 
 
 def test_trainer_runs_and_the_split_is_logged(tmp_path):
-    _coop_pets(tmp_path, counts=(3, 2, 2))
+    coop_pets(tmp_path, counts=(3, 2, 2))
     dm = OxfordPets(data_dir=str(tmp_path), num_shots=2, batch_size=3)  # data_config from the backbone
     module = TransferModule(tiny_cnn(), LinearProbe(), num_classes=dm.num_classes, class_names=dm.class_names)
     trainer = Trainer(fast_dev_run=True, accelerator="cpu", logger=False, enable_progress_bar=False,

@@ -282,10 +282,10 @@ def test_a_recipe_runs_on_coop_data(tmp_path):
     from lightning_transfer.cli import TransferCLI
     from lightning_transfer.schedulers import WarmupCosineLR
     from tests.conftest import REPO
-    from tests.datamodules.test_torchvision_sets import _coop_pets
+    from tests.helpers.coop_data import coop_pets
     from tests.helpers.tiny_clip import tiny_clip_dir
 
-    _coop_pets(tmp_path / "data")  # CoOp's layout: oxford_pets/images + split_zhou_OxfordPets.json
+    coop_pets(tmp_path / "data")  # CoOp's layout: oxford_pets/images + split_zhou_OxfordPets.json
     cli = TransferCLI(args=[
         "fit", "--config", str(REPO / "configs/experiment/coop_vit_b16_oxford_pets.yaml"),
         f"--model.backbone.init_args.model_name_or_path={tiny_clip_dir()}",
@@ -305,10 +305,10 @@ def test_a_recipe_runs_on_coop_data(tmp_path):
 def test_base_to_new_recipe_trains_on_the_base_half(tmp_path):
     from lightning_transfer.cli import TransferCLI
     from tests.conftest import REPO
-    from tests.datamodules.test_torchvision_sets import _coop_pets
+    from tests.helpers.coop_data import coop_pets
     from tests.helpers.tiny_clip import tiny_clip_dir
 
-    _coop_pets(tmp_path / "data")
+    coop_pets(tmp_path / "data")
     cli = TransferCLI(args=[
         "--config", str(REPO / "configs/experiment/cocoop_b2n_vit_b16_oxford_pets.yaml"),
         f"--model.backbone.init_args.model_name_or_path={tiny_clip_dir()}",
