@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                 ok = bool(losses) and all(math.isfinite(x) for x in losses) and not result["frozen_changed"]
                 ok = ok and (result["trainable_changed"] or _trains_nothing(name))
                 status = "ok" if ok else f"FAILED {result}"
+                if ok and result.get("skipped_steps"):
+                    status += f" (fp16 loss scaler skipped {result['skipped_steps']} of {result['steps']} steps)"
                 loss = f"{losses[-1]:8.4f}" if losses else "       -"
                 print(f"{case_id:<24} {precision:<11} {loss} {result['grad_norm']:10.4f} "
                       f"{result['peak_mib']:9.1f}  {status}", flush=True)

@@ -212,12 +212,10 @@ class HFCLIPBackbone(Backbone):
         Positions are added here; the transformer is causal, so tokens after the end-of-text token never reach
         the pooled output (padding needs no mask).
         """
-        from transformers.masking_utils import create_causal_mask
-
         tm = self.model.text_model
         n, length, _ = embeddings.shape
         x = embeddings + tm.embeddings.position_embedding(tm.embeddings.position_ids[:, :length])  # (N, L, D)
-        mask = create_causal_mask(config=tm.config, inputs_embeds=x, attention_mask=None, cache=None)
+        mask = _causal_mask(tm.config, x)
         x = tm.encoder(inputs_embeds=x, attention_mask=mask, is_causal=True).last_hidden_state
         x = tm.final_layer_norm(x)
         pooled = x[torch.arange(n, device=x.device), eot_index.to(x.device)]  # (N, D)
@@ -252,3 +250,24 @@ class HFCLIPBackbone(Backbone):
     def identity(self) -> str:
         source = self.checkpoint_path or ("pretrained" if self.model_name_or_path else "random init")
         return f"hf_clip:{self.name} ({source})"
+
+
+def _causal_mask(config, inputs_embeds: Tensor):
+    """The causal mask ``transformers`` builds for the text tower, across its releases.
+
+    ``create_causal_mask`` took ``input_embeds``/``cache_position``/``past_key_values`` in earlier 5.x releases and
+    ``inputs_embeds``/``cache`` later; this passes whichever names the installed version has.
+    """
+    import inspect
+
+    from transformers.masking_utils import create_causal_mask
+
+    params = inspect.signature(create_causal_mask).parameters
+    kwargs = {"config": config, "attention_mask": None}
+    kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = inputs_embeds
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            kwargs[name] = None
+    if "cache_position" in params:
+        kwargs["cache_position"] = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
+    return create_causal_mask(**kwargs)
