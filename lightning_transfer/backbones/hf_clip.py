@@ -13,9 +13,10 @@ Image tower, mapped onto ``embed -> run_block* -> finalize -> pool``:
   projection, width ``vision_config.hidden_size``). :meth:`HFCLIPBackbone.encode_image` adds
   ``visual_projection`` and equals ``CLIPModel.get_image_features``.
 
-Text tower: :meth:`HFCLIPBackbone.encode_text_embeddings` takes (N, L, D) token embeddings, adds positions, runs
-the causal transformer, ``final_layer_norm``, pools at the end-of-text position and projects; on plain token ids
-it equals ``CLIPModel.get_text_features``.
+Text tower (:class:`CLIPTextTower`, shared with the CLIP ResNets of ``clip_resnet.py``):
+:meth:`CLIPTextTower.encode_text_embeddings` takes (N, L, D) token embeddings, adds positions, runs the causal
+transformer, ``final_layer_norm``, pools at the end-of-text position and projects; on plain token ids it equals
+``CLIPModel.get_text_features``.
 """
 
 from __future__ import annotations
@@ -55,8 +56,107 @@ def eot_positions(input_ids: Tensor, eos_token_id: int) -> Tensor:
     return (input_ids.to(torch.int) == eos_token_id).to(torch.int).argmax(dim=-1)
 
 
+def load_tokenizer(name_or_path: str) -> Any:
+    """CLIP's BPE tokenizer from a hub name (needs internet once) or a local directory (``save_pretrained``)."""
+    from transformers import AutoTokenizer
+
+    path = Path(name_or_path).expanduser()
+    return AutoTokenizer.from_pretrained(str(path) if path.exists() else name_or_path)
+
+
+def clip_data_config(image_size: int, overrides: dict[str, Any]) -> dict[str, Any]:
+    """CLIP's preprocessing (OpenAI mean/std, bicubic resize, center crop of the whole short side) + ``overrides``."""
+    cfg: dict[str, Any] = {"input_size": (3, image_size, image_size), "mean": CLIP_MEAN, "std": CLIP_STD,
+                           "interpolation": "bicubic", "crop_pct": 1.0}
+    cfg.update(overrides)
+    cfg["input_size"] = tuple(cfg["input_size"])
+    for key in ("mean", "std"):
+        cfg[key] = tuple(cfg[key])
+    return cfg
+
+
+class CLIPTextTower:
+    """The text-tower API of a CLIP backbone, shared by every CLIP image tower (ViT: HFCLIPBackbone, ResNet:
+    CLIPResNetBackbone), so prompt learners and zero-shot CLIP run on any of them unchanged.
+
+    The host class sets ``self.model`` with ``text_model`` (transformers' CLIP text transformer), ``text_projection``
+    (Linear, no bias) and ``logit_scale`` (a scalar Parameter, as ``CLIPModel`` names them), then calls
+    :meth:`_init_text_tower`.
+    """
+
+    #: the model has a text tower (read by strategies that build classifiers from class names)
+    has_text_tower: ClassVar[bool] = True
+    model: Any
+    tokenizer: Any
+    text_width: int
+    projection_dim: int
+    context_length: int
+
+    def _init_text_tower(self, tokenizer: Any, projection_dim: int) -> None:
+        """Keep the tokenizer (see :func:`load_tokenizer`) and read the text tower's sizes; checks the vocabulary."""
+        self.tokenizer = tokenizer
+        text = self.model.text_model.config
+        self.text_width = int(text.hidden_size)
+        self.projection_dim = int(projection_dim)
+        self.context_length = int(text.max_position_embeddings)
+        if len(self.tokenizer) > text.vocab_size:
+            raise ValueError(f"tokenizer has {len(self.tokenizer)} tokens but the text tower's vocab_size is "
+                             f"{text.vocab_size}: pass the tokenizer the model was trained with")
+
+    # ---- the text tower -------------------------------------------------------------------------------------
+    @property
+    def eos_token_id(self) -> int:
+        return int(self.model.text_model.config.eos_token_id)
+
+    @property
+    def logit_scale(self) -> Tensor:
+        """CLIP's learned temperature, ``exp(logit_scale)`` (100 for OpenAI's models)."""
+        return self.model.logit_scale.exp()
+
+    def tokenize(self, texts: Sequence[str]) -> Tensor:
+        """Texts -> (N, context_length) ids with start/end-of-text tokens and padding; over-long texts fail."""
+        rows = self.tokenizer(list(texts))["input_ids"]  # with start/end-of-text tokens, unpadded
+        too_long = [i for i, r in enumerate(rows) if len(r) > self.context_length]
+        if too_long:
+            i = too_long[0]
+            raise ValueError(f"prompt {texts[i]!r} is {len(rows[i])} tokens, longer than the text tower's context of "
+                             f"{self.context_length}: shorten the class name or template, or use fewer n_ctx")
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_id
+        ids = torch.full((len(rows), self.context_length), int(pad), dtype=torch.long)  # (N, L)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        return ids
+
+    def token_ids(self, text: str) -> list[int]:
+        """The ids of ``text`` without start/end-of-text tokens."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def token_embedding(self, input_ids: Tensor) -> Tensor:
+        """(N, L) ids -> (N, L, text_width) token embeddings (no positions)."""
+        return self.model.text_model.embeddings.token_embedding(input_ids)
+
+    def encode_text_embeddings(self, embeddings: Tensor, eot_index: Tensor) -> Tensor:
+        """(N, L, text_width) token embeddings + (N,) end-of-text positions -> (N, projection_dim) text features.
+
+        Positions are added here; the transformer is causal, so tokens after the end-of-text token never reach
+        the pooled output (padding needs no mask).
+        """
+        tm = self.model.text_model
+        n, length, _ = embeddings.shape
+        x = embeddings + tm.embeddings.position_embedding(tm.embeddings.position_ids[:, :length])  # (N, L, D)
+        mask = _causal_mask(tm.config, x)
+        x = tm.encoder(inputs_embeds=x, attention_mask=mask, is_causal=True).last_hidden_state
+        x = tm.final_layer_norm(x)
+        pooled = x[torch.arange(n, device=x.device), eot_index.to(x.device)]  # (N, D)
+        return self.model.text_projection(pooled)  # (N, projection_dim)
+
+    def encode_text(self, input_ids: Tensor) -> Tensor:
+        """(N, L) ids -> (N, projection_dim) = ``CLIPModel.get_text_features`` (not normalised)."""
+        return self.encode_text_embeddings(self.token_embedding(input_ids), eot_positions(input_ids, self.eos_token_id))
+
+
 @register_backbone("hf_clip")
-class HFCLIPBackbone(Backbone):
+class HFCLIPBackbone(CLIPTextTower, Backbone):
     """A ``transformers.CLIPModel``: the image tower behind the token contract and a text tower for prompts.
 
     Args:
@@ -72,8 +172,6 @@ class HFCLIPBackbone(Backbone):
         data_config: overrides for the preprocessing config (``input_size``, ``mean``, ``std``, ...).
     """
 
-    #: the model has a text tower (read by strategies that build classifiers from class names)
-    has_text_tower: ClassVar[bool] = True
     supports_queries: ClassVar[bool] = True
     final_prefixes: ClassVar[tuple[str, ...]] = ("model.vision_model.post_layernorm.", "model.visual_projection.")
 
@@ -86,7 +184,7 @@ class HFCLIPBackbone(Backbone):
         data_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+        from transformers import CLIPConfig, CLIPModel
 
         if model_name_or_path is None and config is None:
             raise ValueError("HFCLIPBackbone needs model_name_or_path (hub name or local directory) or config=")
@@ -104,23 +202,15 @@ class HFCLIPBackbone(Backbone):
         self.model.eval()
         tok_source = tokenizer or model_name_or_path
         assert tok_source is not None
-        tok_path = Path(tok_source).expanduser()
-        self.tokenizer = AutoTokenizer.from_pretrained(str(tok_path) if tok_path.exists() else tok_source)
         self.model_name_or_path = model_name_or_path
         self.checkpoint_path = checkpoint_path
-        self.name = model_name_or_path or "clip (random init)"
+        self.name = model_name_or_path or "clip"
         model_config: Any = self.model.config  # transformers types its sub-configs loosely
-        vision, text = model_config.vision_config, model_config.text_config
-        self.embed_dim = vision.hidden_size
-        self.num_features = vision.hidden_size
+        self.embed_dim = model_config.vision_config.hidden_size
+        self.num_features = model_config.vision_config.hidden_size
         self.num_prefix_tokens = 1
-        self.text_width: int = int(text.hidden_size)
-        self.projection_dim: int = int(model_config.projection_dim)
-        self.context_length = text.max_position_embeddings
         self._data_config_overrides = dict(data_config or {})
-        if len(self.tokenizer) > text.vocab_size:
-            raise ValueError(f"tokenizer has {len(self.tokenizer)} tokens but the text tower's vocab_size is "
-                             f"{text.vocab_size}: pass the tokenizer the model was trained with")
+        self._init_text_tower(load_tokenizer(tok_source), model_config.projection_dim)
         if checkpoint_path is not None:
             load_into(self.model, read_state_dict(checkpoint_path), checkpoint_path)
 
@@ -173,58 +263,6 @@ class HFCLIPBackbone(Backbone):
         """(B, 3, H, W) -> (B, projection_dim) = ``CLIPModel.get_image_features`` (not normalised)."""
         return self.model.visual_projection(self(x))
 
-    # ---- text tower ---------------------------------------------------------------------------------------
-    @property
-    def eos_token_id(self) -> int:
-        config: Any = self.model.config
-        return int(config.text_config.eos_token_id)
-
-    @property
-    def logit_scale(self) -> Tensor:
-        """CLIP's learned temperature, ``exp(logit_scale)`` (100 for OpenAI's models)."""
-        return self.model.logit_scale.exp()
-
-    def tokenize(self, texts: Sequence[str]) -> Tensor:
-        """Texts -> (N, context_length) ids with start/end-of-text tokens and padding; over-long texts fail."""
-        rows = self.tokenizer(list(texts))["input_ids"]  # with start/end-of-text tokens, unpadded
-        too_long = [i for i, r in enumerate(rows) if len(r) > self.context_length]
-        if too_long:
-            i = too_long[0]
-            raise ValueError(f"prompt {texts[i]!r} is {len(rows[i])} tokens, longer than the text tower's context of "
-                             f"{self.context_length}: shorten the class name or template, or use fewer n_ctx")
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_id
-        ids = torch.full((len(rows), self.context_length), int(pad), dtype=torch.long)  # (N, L)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        return ids
-
-    def token_ids(self, text: str) -> list[int]:
-        """The ids of ``text`` without start/end-of-text tokens."""
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def token_embedding(self, input_ids: Tensor) -> Tensor:
-        """(N, L) ids -> (N, L, text_width) token embeddings (no positions)."""
-        return self.model.text_model.embeddings.token_embedding(input_ids)
-
-    def encode_text_embeddings(self, embeddings: Tensor, eot_index: Tensor) -> Tensor:
-        """(N, L, text_width) token embeddings + (N,) end-of-text positions -> (N, projection_dim) text features.
-
-        Positions are added here; the transformer is causal, so tokens after the end-of-text token never reach
-        the pooled output (padding needs no mask).
-        """
-        tm = self.model.text_model
-        n, length, _ = embeddings.shape
-        x = embeddings + tm.embeddings.position_embedding(tm.embeddings.position_ids[:, :length])  # (N, L, D)
-        mask = _causal_mask(tm.config, x)
-        x = tm.encoder(inputs_embeds=x, attention_mask=mask, is_causal=True).last_hidden_state
-        x = tm.final_layer_norm(x)
-        pooled = x[torch.arange(n, device=x.device), eot_index.to(x.device)]  # (N, D)
-        return self.model.text_projection(pooled)  # (N, projection_dim)
-
-    def encode_text(self, input_ids: Tensor) -> Tensor:
-        """(N, L) ids -> (N, projection_dim) = ``CLIPModel.get_text_features`` (not normalised)."""
-        return self.encode_text_embeddings(self.token_embedding(input_ids), eot_positions(input_ids, self.eos_token_id))
-
     # ---- metadata -----------------------------------------------------------------------------------------
     @property
     def lora_target_modules(self) -> list[str]:
@@ -235,14 +273,7 @@ class HFCLIPBackbone(Backbone):
 
     def data_config(self) -> dict[str, Any]:
         config: Any = self.model.config
-        size = config.vision_config.image_size
-        cfg: dict[str, Any] = {"input_size": (3, size, size), "mean": CLIP_MEAN, "std": CLIP_STD,
-                               "interpolation": "bicubic", "crop_pct": 1.0}
-        cfg.update(self._data_config_overrides)
-        cfg["input_size"] = tuple(cfg["input_size"])
-        for key in ("mean", "std"):
-            cfg[key] = tuple(cfg[key])
-        return cfg
+        return clip_data_config(config.vision_config.image_size, self._data_config_overrides)
 
     def export_state_dict(self) -> dict[str, Tensor]:
         return self.model.state_dict()

@@ -8,6 +8,7 @@ four tokens as with OpenAI's vocabulary. The start/end-of-text tokens are the la
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -88,3 +89,30 @@ def tiny_clip_dir(tag: str = "tiny_clip_ctx32") -> str:
 
 def tiny_clip(**kwargs) -> HFCLIPBackbone:
     return HFCLIPBackbone(model_name_or_path=tiny_clip_dir(), **kwargs)
+
+
+def tiny_clip_resnet(**kwargs):
+    """A tiny random OpenAI-style CLIP ResNet (``CLIPResNetBackbone``, RN50's layout) with the tiny tokenizer.
+
+    Its weights are drawn once under a fixed seed and saved, and every call loads them through ``checkpoint_path``
+    (a checkpoint can rebuild a frozen backbone only from weights on disk, never from a random init).
+    """
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from lightning_transfer.backbones.clip_resnet import CLIPResNetBackbone
+
+    directory = tiny_clip_dir()
+    path = _DIR / "tiny_clip_resnet.safetensors"
+    config = {"embed_dim": 24, "image_resolution": 32, "vision_layers": [1, 1, 1, 1], "vision_width": 8,
+              "context_length": 32, "vocab_size": len(AutoTokenizer.from_pretrained(directory)),
+              "transformer_width": 32, "transformer_heads": 2, "transformer_layers": 2}
+    if not path.is_file():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = CLIPResNetBackbone(config=config, tokenizer=directory)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        save_file({k: v.contiguous() for k, v in model.export_state_dict().items()}, str(tmp))
+        tmp.replace(path)
+    # this backbone's own layout: the sizes come from config, the weights from the file
+    return CLIPResNetBackbone(config=config, checkpoint_path=str(path), tokenizer=directory, **kwargs)
