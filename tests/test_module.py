@@ -101,6 +101,26 @@ def test_linear_probe_keeps_backbone_in_eval_and_cache_skips_backbone():
     assert strategy.cache_misses == 6 + 1
 
 
+def test_lightnings_per_hook_attribute_skips_module_bookkeeping_only(monkeypatch):
+    module = TransferModule(tiny_vit(), LinearProbe(), num_classes=5)
+    layer = torch.nn.Linear(2, 2)
+
+    def bookkeeping(self, name, value):
+        raise AssertionError(f"nn.Module.__setattr__ called for {name}")
+
+    monkeypatch.setattr(torch.nn.Module, "__setattr__", bookkeeping)
+    module._current_fx_name = "training_step"  # the fast path: a plain attribute, no nn.Module bookkeeping
+    assert module._current_fx_name == "training_step" and "_current_fx_name" not in module._modules
+    with pytest.raises(AssertionError, match="extra"):
+        module.extra = layer  # everything else still goes through nn.Module
+    with pytest.raises(AssertionError, match="_current_fx_name"):
+        module._current_fx_name = torch.zeros(1)  # and so would a tensor under that name
+    monkeypatch.undo()
+    trainer = _trainer(max_steps=1, limit_val_batches=0)
+    trainer.fit(module, datamodule=Digits(task="target", num_shots=2, batch_size=5))
+    assert trainer.global_step == 1 and module._current_fx_name is None
+
+
 def test_checkpoint_is_small_and_reloads_on_fresh_backbone(tmp_path):
     module = TransferModule(tiny_vit(), LinearProbe(), num_classes=5)
     _fit_and_save(module, tmp_path / "probe.ckpt")
