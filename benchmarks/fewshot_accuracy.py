@@ -26,6 +26,7 @@ STRATEGIES = {  # label -> (class name, init_args)
     "VQT T=1": ("VQT", {"num_queries": 1}),
     "VQT T=4": ("VQT", {"num_queries": 4}),
     "SHERL": ("SHERL", {}),
+    "SHERL tuned": ("SHERL", {"tune_late_blocks": True}),  # the late block trains too (the option; papers freeze it)
 }
 
 
