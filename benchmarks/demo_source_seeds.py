@@ -59,14 +59,18 @@ def main_() -> None:
         scratch = fit_and_test(["--config", TARGET, "--model.backbone.init_args.checkpoint_path=null",
                                 "--trainer.logger=false", f"--trainer.default_root_dir={Path(tmp) / 'scratch'}"])
         lines = [f"from scratch (no source model): {scratch:.1%}"]
+        print(lines[0], flush=True)
         for epochs in args.source_epochs:
-            rows = [one_seed(Path(tmp) / f"e{epochs}_s{seed}", seed, epochs) for seed in args.seeds]
+            rows = []
+            for seed in args.seeds:  # each seed's row as soon as it is measured (a long run can be stopped)
+                rows.append(one_seed(Path(tmp) / f"e{epochs}_s{seed}", seed, epochs))
+                print(f"source {epochs} epochs, seed {seed}: source {rows[-1][0]:.1%}  transfer {rows[-1][1]:.1%}  "
+                      f"linear probe {rows[-1][2]:.1%}", flush=True)
             lines.append(f"\nsource trained {epochs} epochs; per source seed {args.seeds}:")
             for label, column in (("source acc", 0), ("transfer", 1), ("linear probe", 2)):
                 values = [r[column] for r in rows]
                 lines.append(f"  {label:<13} " + " ".join(f"{v:.1%}" for v in values) + f"   {_summary(values)}")
     print("\n".join(lines))
-
 
 if __name__ == "__main__":
     main_()
