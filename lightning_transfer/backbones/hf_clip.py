@@ -21,6 +21,7 @@ transformer, ``final_layer_norm``, pools at the end-of-text position and project
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -283,17 +284,25 @@ class HFCLIPBackbone(CLIPTextTower, Backbone):
         return f"hf_clip:{self.name} ({source})"
 
 
+@functools.cache
+def _causal_mask_parameters() -> frozenset[str]:
+    """Parameter names of the installed ``create_causal_mask`` (read once, not on every text-tower call)."""
+    import inspect
+
+    from transformers.masking_utils import create_causal_mask
+
+    return frozenset(inspect.signature(create_causal_mask).parameters)
+
+
 def _causal_mask(config, inputs_embeds: Tensor):
     """The causal mask ``transformers`` builds for the text tower, across its releases.
 
     ``create_causal_mask`` took ``input_embeds``/``cache_position``/``past_key_values`` in earlier 5.x releases and
     ``inputs_embeds``/``cache`` later; this passes whichever names the installed version has.
     """
-    import inspect
-
     from transformers.masking_utils import create_causal_mask
 
-    params = inspect.signature(create_causal_mask).parameters
+    params = _causal_mask_parameters()
     kwargs = {"config": config, "attention_mask": None}
     kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = inputs_embeds
     for name in ("cache", "past_key_values"):

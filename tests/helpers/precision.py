@@ -38,7 +38,7 @@ def one_step(name: str, case: dict, kind: str, accelerator: str = "cpu", precisi
 
     In ``16-mixed`` the loss scaler starts at 2**16 and skips the steps whose scaled gradients overflow fp16, halving
     its scale each time (seen on the H100 for CoOp: the first step's gradients through CLIP's text tower overflow).
-    So fp16 gets up to 8 steps; ``skipped_steps`` counts the skipped ones and ``grad_norm`` is the last finite one.
+    So fp16 runs 8 steps; ``skipped_steps`` counts the skipped ones and ``grad_norm`` is the last finite one.
     """
     module = _build(name, case, kind)
     recorder = _Record()
