@@ -1,20 +1,19 @@
 """Framework overhead: TransferModule + Lightning Trainer against a plain PyTorch loop, same model and batches.
 
-Both loops train copies of the same model on the same batches (same order), epoch by epoch, interleaved in one
-process: each Lightning epoch has one plain epoch next to it (after it, then before it, alternately), so machine noise
-hits both alike. The Lightning side is what the CLI runs (metrics, logging, the always-on EfficiencyMonitor); the
-plain side is forward, loss, backward and step only. Prints samples/s of both and the median ratio over the epoch
-pairs (target >= 0.95).
+Both loops train the same model object with the same optimizer on the same batches (same order), in one process,
+step by step: after every Lightning training step, one plain step runs. The Lightning side is what the CLI runs
+(metrics, logging, the always-on EfficiencyMonitor); the plain side is fetch, forward, loss, backward and step only.
+Prints each side's median step time and the median and quartiles of the per-pair throughput ratios (target >= 0.95),
+and the same bare-LightningModule comparison, which is Lightning's own per-step cost.
 
     python benchmarks/framework_overhead.py                 # quickstart-sized ViT and a ViT-S-shaped one
     python benchmarks/framework_overhead.py --epochs 6 --models quickstart
-    python benchmarks/framework_overhead.py --threads 1 --epochs 16    # steadier on a shared machine
+    python benchmarks/framework_overhead.py --threads 1 --epochs 8     # one thread each
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 
@@ -43,61 +42,70 @@ def _loader(backbone: TimmBackbone, batch: int, batches: int) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False)
 
 
-def _plain_epoch(model: LightningModule, optimizer: torch.optim.Optimizer, loader: DataLoader) -> float:
-    model.train()
-    start = time.perf_counter()
-    for x, y in loader:
-        optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
-    return time.perf_counter() - start
-
-
 class _Interleave(Callback):
-    """Times each Lightning training epoch and one plain epoch on the copy next to it, alternating which goes first
-    (plain after Lightning on even epochs, before it on odd ones), so a slowdown that hits whichever loop runs first
-    or second (caches, frequency, a neighbour's burst) does not favour one side."""
+    """After every Lightning training step, one plain step of the very same module and optimizer: the next batch of
+    its own pass over the same loader (fetch included), zero_grad, forward, loss, backward, step.
 
-    def __init__(self, plain: LightningModule, loader: DataLoader) -> None:
-        # the same optimizer the Lightning side gets (for TransferModule: the strategy's parameter groups)
-        self.plain, self.loader, self.optimizer = plain, loader, plain.configure_optimizers()
-        self.lightning_s: list[float] = []
-        self.plain_s: list[float] = []
+    Lightning's step k is the time from one ``on_train_batch_start`` to the next (its fetch, hooks, closure, logging)
+    less the plain step k that ran inside that interval, so each pair of steps runs within a few milliseconds of each
+    other: a neighbour's burst or a frequency change hits both sides of a pair alike, which whole-epoch interleaving
+    could not achieve on a shared machine. One module, not a copy: two copies of one model can differ by 5-10% in
+    speed on a CPU (where their weights and optimizer state landed in memory), a bias as large as the effect measured.
+    Epoch 0 warms up and is left out; so is each epoch's last step (its interval runs into the epoch-end hooks)."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+        self.lightning_steps: list[float] = []
+        self.plain_steps: list[float] = []
+        self._last: float | None = None
+        self._plain = self._inserted = 0.0
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if trainer.current_epoch % 2:
-            self.plain_s.append(_plain_epoch(self.plain, self.optimizer, self.loader))
-        self._start = time.perf_counter()
+        self._batches = iter(self.loader)
+        self._last = None
 
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self.lightning_s.append(time.perf_counter() - self._start)
-        if trainer.current_epoch % 2 == 0:
-            self.plain_s.append(_plain_epoch(self.plain, self.optimizer, self.loader))
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._last is not None and trainer.current_epoch:
+            self.lightning_steps.append(now - self._last - self._inserted)
+            self.plain_steps.append(self._plain)
+        self._last = now
 
-    def ratios(self) -> list[float]:
-        """Per epoch pair, Lightning's throughput over the plain loop's (epoch 0, the warm-up, left out)."""
-        return [p / lt for lt, p in zip(self.lightning_s[1:], self.plain_s[1:])]
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        start = time.perf_counter()
+        x, y = next(self._batches)
+        optimizer = trainer.optimizers[0]
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(pl_module(x), y)
+        loss.backward()
+        optimizer.step()
+        self._plain = time.perf_counter() - start
+        self._inserted = time.perf_counter() - start
 
 
-def measure(model: str, strategy_cls: type, epochs: int) -> tuple[float, float, list[float]]:
-    """(Lightning samples/s, plain samples/s, per-epoch-pair throughput ratios), medians over the timed epochs."""
+def measure(model: str, strategy_cls: type, epochs: int) -> dict[str, float]:
+    """Median step milliseconds of both sides and the median and quartiles of the per-pair ratios (see _summary)."""
     spec, batch, batches = MODELS[model]
     torch.manual_seed(0)
     module = TransferModule(TimmBackbone(**spec), strategy_cls(), num_classes=10,
                             optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
-    plain = copy.deepcopy(module)
     loader = _loader(module.backbone, batch, batches)
-    timer = _Interleave(plain, loader)
+    timer = _Interleave(loader)
     trainer = Trainer(max_epochs=epochs + 1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, callbacks=[EfficiencyMonitor(), timer], accelerator="cpu",
                       log_every_n_steps=50)
     trainer.fit(module, train_dataloaders=loader)
-    samples = batch * batches
-    # epoch 0 warms up both (allocator, first saved-bytes measurement); the median of the rest is reported
-    lightning = samples / statistics.median(timer.lightning_s[1:])
-    plain_rate = samples / statistics.median(timer.plain_s[1:])
-    return lightning, plain_rate, timer.ratios()
+    return _summary(timer)
+
+
+def _summary(timer: _Interleave) -> dict[str, float]:
+    ratios = [p / lt for lt, p in zip(timer.lightning_steps, timer.plain_steps)]
+    q1, ratio, q3 = statistics.quantiles(ratios, n=4)
+    added = [lt - p for lt, p in zip(timer.lightning_steps, timer.plain_steps)]
+    return {"lightning_ms": 1e3 * statistics.median(timer.lightning_steps),
+            "plain_ms": 1e3 * statistics.median(timer.plain_steps), "ratio": ratio, "q1": q1, "q3": q3,
+            "total_ratio": sum(timer.plain_steps) / sum(timer.lightning_steps),
+            "added_ms": 1e3 * statistics.median(added), "pairs": len(ratios)}
 
 
 class _Bare(LightningModule):
@@ -117,18 +125,18 @@ class _Bare(LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
 
-def lightning_floor(steps: int = 300, epochs: int = 3) -> tuple[float, float]:
-    """Milliseconds per step of a bare LightningModule and of the same plain loop: Lightning's own per-step cost."""
+def lightning_floor(steps: int = 300, epochs: int = 3) -> dict[str, float]:
+    """A bare LightningModule against the same plain loop (median step ms of each): Lightning's own per-step cost."""
     g = torch.Generator().manual_seed(0)
     loader = DataLoader(TensorDataset(torch.randn(64 * steps, 8, generator=g), torch.randint(0, 10, (64 * steps,),
                                                                                              generator=g)),
                         batch_size=64)
-    model, plain = _Bare(), _Bare()
-    timer = _Interleave(plain, loader)
+    model = _Bare()
+    timer = _Interleave(loader)
     trainer = Trainer(max_epochs=epochs + 1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, callbacks=[timer], accelerator="cpu", log_every_n_steps=50)
     trainer.fit(model, train_dataloaders=loader)
-    return 1e3 * statistics.median(timer.lightning_s[1:]) / steps, 1e3 * statistics.median(timer.plain_s[1:]) / steps
+    return _summary(timer)
 
 
 def main() -> None:
@@ -140,21 +148,23 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.epochs} timed epoch pairs each; "
-          "ratio = median over the pairs of Lightning's throughput / the plain loop's, [quartiles]")
-    print(f"{'model':<16} {'strategy':<14} {'lightning/s':>12} {'plain/s':>10} {'ratio':>7} {'[q1, q3]':>15} "
-          f"{'ms/step added':>14}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.epochs} timed epochs each; every "
+          "Lightning step is paired with a plain step of the same module run right after it.\n"
+          "ratio = median over the pairs of plain step time / Lightning step time (Lightning's throughput as a "
+          "fraction of the plain loop's; target >= 0.95), [quartiles]; total = summed plain time / summed Lightning "
+          "time; added = median per-pair difference", flush=True)
+    print(f"{'model':<16} {'strategy':<14} {'pairs':>5} {'Lightning ms':>12} {'plain ms':>9} {'ratio':>6} "
+          f"{'[q1, q3]':>15} {'total':>6} {'ms added':>9}")
     for model in args.models.split(","):
-        batch = MODELS[model][1]
         for strategy_cls in (FullFinetune, LinearProbe):
-            lightning, plain, ratios = measure(model, strategy_cls, args.epochs)
-            q1, ratio, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios * 3)
-            added = 1e3 * batch * (1 / lightning - 1 / plain)
-            print(f"{model:<16} {strategy_cls.__name__:<14} {lightning:>12.1f} {plain:>10.1f} {ratio:>7.3f} "
-                  f"{f'[{q1:.3f}, {q3:.3f}]':>15} {added:>14.2f}")
-    bare, loop = lightning_floor()
-    print(f"Lightning's own floor (a bare LightningModule, one linear layer, batch 64): {bare:.2f} ms/step against "
-          f"{loop:.2f} ms/step in a plain loop, {bare - loop:.2f} ms/step added")
+            r = measure(model, strategy_cls, args.epochs)
+            quartiles = f"[{r['q1']:.3f}, {r['q3']:.3f}]"
+            print(f"{model:<16} {strategy_cls.__name__:<14} {r['pairs']:>5} {r['lightning_ms']:>12.2f} "
+                  f"{r['plain_ms']:>9.2f} {r['ratio']:>6.3f} {quartiles:>15} {r['total_ratio']:>6.3f} "
+                  f"{r['added_ms']:>9.2f}", flush=True)
+    floor = lightning_floor()
+    print(f"Lightning's own floor (a bare LightningModule, one linear layer, batch 64): {floor['lightning_ms']:.2f} "
+          f"ms/step against {floor['plain_ms']:.2f} ms/step in a plain loop, {floor['added_ms']:.2f} ms/step added")
 
 
 if __name__ == "__main__":

@@ -121,6 +121,19 @@ def test_lightnings_per_hook_attribute_skips_module_bookkeeping_only(monkeypatch
     assert trainer.global_step == 1 and module._current_fx_name is None
 
 
+@pytest.mark.parametrize("accumulate, expected", [(1, [False] * 4), (2, [False, True, False, True])])
+def test_gradients_are_freed_before_the_forward_pass_except_while_accumulating(accumulate, expected):
+    # Lightning would zero them after training_step, holding the last step's gradients through the forward pass
+    module = TransferModule(tiny_vit(), FullFinetune(), num_classes=5)
+    held: list[bool] = []
+    module.head.register_forward_pre_hook(
+        lambda *_: held.append(any(p.grad is not None for p in module.parameters())) if module.training else None)
+    trainer = _trainer(max_steps=4 // accumulate, limit_val_batches=0, accumulate_grad_batches=accumulate)
+    trainer.fit(module, datamodule=Digits(task="target", num_shots=4, batch_size=5))  # 20 images: 4 batches
+    assert held == expected
+    assert all(p.grad is not None for p in module.parameters() if p.requires_grad)  # the last step's stay readable
+
+
 def test_checkpoint_is_small_and_reloads_on_fresh_backbone(tmp_path):
     module = TransferModule(tiny_vit(), LinearProbe(), num_classes=5)
     _fit_and_save(module, tmp_path / "probe.ckpt")
