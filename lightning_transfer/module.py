@@ -148,10 +148,11 @@ class TransferModule(LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Lightning zeroes gradients inside its closure, after training_step: the previous step's gradients (one
-        # tensor per trainable weight) stay allocated through the whole forward pass. Freeing them here, at the same
-        # accumulation boundary Lightning uses, lets the forward reuse that memory: a lower peak by the size of the
-        # gradients, and on CPU about 3-9 ms of a 60-90 ms full fine-tuning step on the quickstart model
-        # (benchmarks/framework_overhead.py). Lightning's own zero_grad then finds nothing left to free.
+        # tensor per trainable weight) stay allocated through the whole forward pass, on top of its activations.
+        # Freeing them here, at the same accumulation boundary Lightning uses, lowers the training peak by the size
+        # of the gradients: the peak RSS of 4 full fine-tuning steps of a ViT-B/16-shaped model (batch 8, CPU) went
+        # from 3,602 and 3,618 MB to 3,291 and 3,240 MB (two runs each; 86 M fp32 gradients are 327 MB). Lightning's
+        # own zero_grad then finds nothing left to free.
         trainer = self._trainer
         if trainer is not None and self.automatic_optimization and batch_idx % trainer.accumulate_grad_batches == 0:
             for optimizer in trainer.optimizers:
