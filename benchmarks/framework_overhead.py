@@ -58,7 +58,7 @@ class _Interleave(Callback):
         self.lightning_steps: list[float] = []
         self.plain_steps: list[float] = []
         self._last: float | None = None
-        self._plain = self._inserted = 0.0
+        self._plain = 0.0  # seconds of the plain step run inside the current Lightning interval
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._batches = iter(self.loader)
@@ -67,7 +67,7 @@ class _Interleave(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         now = time.perf_counter()
         if self._last is not None and trainer.current_epoch:
-            self.lightning_steps.append(now - self._last - self._inserted)
+            self.lightning_steps.append(now - self._last - self._plain)
             self.plain_steps.append(self._plain)
         self._last = now
 
@@ -80,7 +80,6 @@ class _Interleave(Callback):
         loss.backward()
         optimizer.step()
         self._plain = time.perf_counter() - start
-        self._inserted = time.perf_counter() - start
 
 
 def measure(model: str, strategy_cls: type, epochs: int) -> dict[str, float]:
