@@ -32,6 +32,10 @@ STRATEGIES: dict[str, tuple[str, list[dict]]] = {  # label -> (class name, the i
     # official codebase and the route's width (embed_dim // reduction); the late block stays frozen
     "SHERL searched": ("SHERL", [{"projection": projection, "reduction": reduction}
                                  for projection in ("gated", "linear_norm", "relu_linear") for reduction in (1, 2, 4)]),
+    # the same search with two pretrained blocks in the late route (the paper's "minimal late layers"; its code uses 1)
+    "SHERL searched, 2 late": ("SHERL", [{"late_blocks": 2, "projection": projection, "reduction": reduction}
+                                         for projection in ("gated", "linear_norm", "relu_linear")
+                                         for reduction in (1, 2, 4)]),
 }
 
 
@@ -120,7 +124,7 @@ def main() -> None:
     print(f"source backbone: {Path(path).relative_to(REPO) if Path(path).is_relative_to(REPO) else path}")
     print(f"digits 5-9, {args.shots} shots/class, data seeds {args.seeds}, {args.epochs} epochs, AdamW (wd 0.05), "
           f"lr picked from {args.lrs} by validation accuracy")
-    print(f"{'strategy':<14} {'lr':>7} {'test acc mean':>14} {'std':>6}  per seed (std: sample std over seeds)")
+    print(f"{'strategy':<22} {'lr':>7} {'test acc mean':>14} {'std':>6}  per seed (std: sample std over seeds)")
     for label in args.strategies:
         name, candidates = STRATEGIES[label]
         results = {(i, lr): [run(name, candidates[i], lr, s, path, args.shots, args.epochs) for s in args.seeds]
@@ -130,7 +134,7 @@ def main() -> None:
         tests = [t for _, t in results[best]]
         spread = statistics.stdev(tests) if len(tests) > 1 else 0.0
         chosen = f"  options {candidates[best[0]]}" if len(candidates) > 1 else ""
-        print(f"{label:<14} {best[1]:>7g} {statistics.mean(tests):>14.1%} {spread:>6.1%}  "
+        print(f"{label:<22} {best[1]:>7g} {statistics.mean(tests):>14.1%} {spread:>6.1%}  "
               + " ".join(f"{t:.1%}" for t in tests) + chosen, flush=True)
 
 if __name__ == "__main__":
