@@ -3,8 +3,8 @@
 The backbone is the quickstart's source model (a small ViT trained on digits 0-4, `make demo` step 1); the target
 task is digits 5-9 with K shots per class. Every strategy gets the same shots, data seeds and epochs; its learning
 rate is picked from a grid by validation accuracy (min(K, 4) images per class, summed over the seeds), then the test
-accuracy (the fixed 30% split) is reported as mean and spread over the seeds. The "SHERL searched" row picks SHERL's
-projection and width the same way, together with the lr.
+accuracy (the fixed 30% split) is reported as mean and spread over the seeds. The two "SHERL searched" rows pick
+SHERL's projection and width the same way, together with the lr, with one or with two pretrained late blocks.
 
     .venv/bin/python benchmarks/fewshot_accuracy.py [--source <run>/source_backbone/backbone.safetensors]
     .venv/bin/python benchmarks/fewshot_accuracy.py --shots 10 --epochs 60
