@@ -17,6 +17,20 @@ import torch
 from fewshot_accuracy import _accuracy, source_backbone, train
 
 
+def _parse(parser: argparse.ArgumentParser, setting: str) -> tuple[str, float, dict]:
+    """``CLASS:LR`` or ``CLASS:LR:JSON_INIT_ARGS`` -> (class name, lr, init_args); a clear error otherwise."""
+    name, _, rest = setting.partition(":")
+    lr, _, extra = rest.partition(":")
+    try:
+        init_args = json.loads(extra) if extra else {}
+        if not name or not isinstance(init_args, dict):
+            raise ValueError
+        return name, float(lr), init_args
+    except ValueError:
+        parser.error(f"setting {setting!r}: expected CLASS:LR or CLASS:LR:JSON_OBJECT, e.g. "
+                     """'SHERL:0.001:{"late_blocks": 2}'""")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("settings", nargs="+", help="CLASS:LR or CLASS:LR:JSON_INIT_ARGS, e.g. SHERL:0.001")
@@ -27,13 +41,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    settings = [_parse(parser, setting) for setting in args.settings]  # every one checked before any training
     path = source_backbone(args.source)
     print(f"digits 5-9, {args.shots} shots/class, {args.epochs} epochs, seeds {args.seeds}")
-    for setting in args.settings:
-        name, lr, *extra = setting.split(":", 2)
-        init_args = json.loads(extra[0]) if extra else {}
+    for name, lr, init_args in settings:
         for seed in args.seeds:
-            module, dm = train(name, init_args, float(lr), seed, path, args.shots, args.epochs)
+            module, dm = train(name, init_args, lr, seed, path, args.shots, args.epochs)
             fit = _accuracy(module, dm.train_dataloader())
             dm.setup("test")
             test = _accuracy(module, dm.test_dataloader())
