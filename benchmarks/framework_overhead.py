@@ -9,6 +9,7 @@ and the same bare-LightningModule comparison, which is Lightning's own per-step 
     python benchmarks/framework_overhead.py                 # quickstart-sized ViT and a ViT-S-shaped one
     python benchmarks/framework_overhead.py --epochs 6 --models quickstart
     python benchmarks/framework_overhead.py --threads 1 --epochs 8     # one thread each
+    python benchmarks/framework_overhead.py --accelerator gpu          # on a GPU (device synchronised per step)
 """
 
 from __future__ import annotations
@@ -53,8 +54,10 @@ class _Interleave(Callback):
     speed on a CPU (where their weights and optimizer state landed in memory), a bias as large as the effect measured.
     Epoch 0 warms up and is left out; so is each epoch's last step (its interval runs into the epoch-end hooks)."""
 
-    def __init__(self, loader: DataLoader) -> None:
+    def __init__(self, loader: DataLoader, device: torch.device | None = None) -> None:
         self.loader = loader
+        # on a GPU each side's time ends at a synchronisation, so kernels one side queued are not billed to the other
+        self.device = device if device is not None and device.type == "cuda" else None
         self.lightning_steps: list[float] = []
         self.plain_steps: list[float] = []
         self._last: float | None = None
@@ -64,7 +67,12 @@ class _Interleave(Callback):
         self._batches = iter(self.loader)
         self._last = None
 
+    def _sync(self) -> None:
+        if self.device is not None:
+            torch.cuda.synchronize(self.device)
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._sync()
         now = time.perf_counter()
         if self._last is not None and trainer.current_epoch:
             self.lightning_steps.append(now - self._last - self._plain)
@@ -72,27 +80,31 @@ class _Interleave(Callback):
         self._last = now
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._sync()
         start = time.perf_counter()
         x, y = next(self._batches)
+        if self.device is not None:
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         optimizer = trainer.optimizers[0]
         optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(pl_module(x), y)
         loss.backward()
         optimizer.step()
+        self._sync()
         self._plain = time.perf_counter() - start
 
 
-def measure(model: str, strategy_cls: type, epochs: int) -> dict[str, float]:
+def measure(model: str, strategy_cls: type, epochs: int, accelerator: str = "cpu") -> dict[str, float]:
     """Median step milliseconds of both sides and the median and quartiles of the per-pair ratios (see _summary)."""
     spec, batch, batches = MODELS[model]
     torch.manual_seed(0)
     module = TransferModule(TimmBackbone(**spec), strategy_cls(), num_classes=10,
                             optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
     loader = _loader(module.backbone, batch, batches)
-    timer = _Interleave(loader)
+    timer = _Interleave(loader, torch.device("cuda") if accelerator == "gpu" else None)
     trainer = Trainer(max_epochs=epochs + 1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, callbacks=[EfficiencyMonitor(), timer], accelerator="cpu",
-                      log_every_n_steps=50)
+                      enable_model_summary=False, callbacks=[EfficiencyMonitor(), timer], accelerator=accelerator,
+                      devices=1, log_every_n_steps=50)
     trainer.fit(module, train_dataloaders=loader)
     return _summary(timer)
 
@@ -124,16 +136,17 @@ class _Bare(LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
 
-def lightning_floor(steps: int = 300, epochs: int = 3) -> dict[str, float]:
+def lightning_floor(steps: int = 300, epochs: int = 3, accelerator: str = "cpu") -> dict[str, float]:
     """A bare LightningModule against the same plain loop (median step ms of each): Lightning's own per-step cost."""
     g = torch.Generator().manual_seed(0)
     loader = DataLoader(TensorDataset(torch.randn(64 * steps, 8, generator=g), torch.randint(0, 10, (64 * steps,),
                                                                                              generator=g)),
                         batch_size=64)
     model = _Bare()
-    timer = _Interleave(loader)
+    timer = _Interleave(loader, torch.device("cuda") if accelerator == "gpu" else None)
     trainer = Trainer(max_epochs=epochs + 1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, callbacks=[timer], accelerator="cpu", log_every_n_steps=50)
+                      enable_model_summary=False, callbacks=[timer], accelerator=accelerator, devices=1,
+                      log_every_n_steps=50)
     trainer.fit(model, train_dataloaders=loader)
     return _summary(timer)
 
@@ -142,6 +155,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's; 1 is steadier on a shared machine)")
     args = parser.parse_args()
@@ -150,9 +164,12 @@ def main() -> None:
     unknown = set(args.models.split(",")) - set(MODELS)
     if unknown:
         parser.error(f"--models: unknown {sorted(unknown)}; choose from {', '.join(MODELS)}")
+    if args.accelerator == "gpu" and not torch.cuda.is_available():
+        parser.error("--accelerator gpu: torch sees no CUDA device here")
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.epochs} timed epochs each; every "
+    where = torch.cuda.get_device_name() if args.accelerator == "gpu" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, {args.epochs} timed epochs each; every "
           "Lightning step is paired with a plain step of the same module run right after it.\n"
           "ratio = median over the pairs of plain step time / Lightning step time (Lightning's throughput as a "
           "fraction of the plain loop's; target >= 0.95), [quartiles]; total = summed plain time / summed Lightning "
@@ -161,12 +178,12 @@ def main() -> None:
           f"{'[q1, q3]':>15} {'total':>6} {'ms added':>9}")
     for model in args.models.split(","):
         for strategy_cls in (FullFinetune, LinearProbe):
-            r = measure(model, strategy_cls, args.epochs)
+            r = measure(model, strategy_cls, args.epochs, args.accelerator)
             quartiles = f"[{r['q1']:.3f}, {r['q3']:.3f}]"
             print(f"{model:<16} {strategy_cls.__name__:<14} {r['pairs']:>5} {r['lightning_ms']:>12.2f} "
                   f"{r['plain_ms']:>9.2f} {r['ratio']:>6.3f} {quartiles:>15} {r['total_ratio']:>6.3f} "
                   f"{r['added_ms']:>9.2f}", flush=True)
-    floor = lightning_floor()
+    floor = lightning_floor(accelerator=args.accelerator)
     print(f"Lightning's own floor (a bare LightningModule, one linear layer, batch 64): {floor['lightning_ms']:.2f} "
           f"ms/step against {floor['plain_ms']:.2f} ms/step in a plain loop, {floor['added_ms']:.2f} ms/step added")
 

@@ -49,10 +49,14 @@ class TransferModule(LightningModule):
         ece_bins: number of bins of the expected calibration error.
     """
 
-    _train_sums: Tensor  # (loss * n, correct, n) of the epoch so far; a non-persistent buffer
-    # Lightning sets these plain (never tensor or module) attributes around every hook call, about 45 times per
-    # training step; nn.Module.__setattr__'s parameter/buffer/module bookkeeping costs ~6 us each, ~0.3 ms a step.
-    _PLAIN_ATTRIBUTES = frozenset({"_current_fx_name"})
+    # the training epoch's running sums (see _reset_train_sums)
+    _train_loss_sum: Tensor
+    _train_correct: Tensor
+    _train_count: int
+    # Lightning sets _current_fx_name around every hook call, about 45 times per training step, and training_step
+    # counts samples in _train_count: plain (never tensor or module) attributes, for which nn.Module.__setattr__'s
+    # parameter/buffer/module bookkeeping costs ~6 us each, ~0.3 ms a step.
+    _PLAIN_ATTRIBUTES = frozenset({"_current_fx_name", "_train_count"})
 
     def __init__(
         self,
@@ -90,9 +94,7 @@ class TransferModule(LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
-        # training accuracy and loss are running sums, not torchmetrics: per step they cost one comparison, where a
-        # metric collection update plus self.log() cost milliseconds, a visible share of a small model's step
-        self.register_buffer("_train_sums", torch.zeros(3), persistent=False)  # (loss * n, correct, n)
+        self._reset_train_sums()
         self.val_metrics = _metrics(num_classes, ece_bins, "val/")
         self.test_metrics = _metrics(num_classes, ece_bins, "test/")
         # backbone buffers as loaded, to tell which ones training changed (BN statistics) when saving
@@ -162,20 +164,31 @@ class TransferModule(LightningModule):
         logits = self(batch[0])
         loss = self.adaptation.loss(logits, batch)
         targets = batch[1]
-        with torch.no_grad():
-            correct = (logits.argmax(-1) == targets).sum() if targets.ndim == 1 else logits.new_zeros(())
-            self._train_sums += torch.stack([loss.detach().float() * len(targets), correct.float(),
-                                             logits.new_tensor(float(len(targets)))])
+        self._train_loss_sum.add_(loss.detach(), alpha=len(targets))
+        if targets.ndim == 1:  # hard labels (soft ones, e.g. mixed samples, have no "correct")
+            self._train_correct.add_(logits.detach().argmax(-1).eq_(targets).sum())
+        self._train_count += len(targets)
         connector = getattr(self._trainer, "_logger_connector", None)
         if connector is None or connector.should_update_logs:  # only the steps the loggers record
             self.log("train/loss_step", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(targets))
         return loss
 
+    def _reset_train_sums(self) -> None:
+        # Training loss and accuracy are running sums, not torchmetrics: a metric collection update plus self.log()
+        # cost milliseconds a step, a visible share of a small model's step; these sums cost three in-place tensor
+        # ops (~25 us). They are plain attributes, not buffers, so a precision plugin that casts the module
+        # (bf16-true) cannot round them: the loss sum stays float32 and the correct count an exact int64.
+        self.__dict__["_train_loss_sum"] = torch.zeros((), device=self.device)
+        self.__dict__["_train_correct"] = torch.zeros((), dtype=torch.long, device=self.device)
+        self._train_count = 0
+
     def on_train_epoch_start(self) -> None:
-        self._train_sums.zero_()
+        self._reset_train_sums()  # on the device training runs on
 
     def on_train_epoch_end(self) -> None:
-        sums = self.trainer.strategy.reduce(self._train_sums.clone(), reduce_op="sum")  # every process's batches
+        local = torch.stack([self._train_loss_sum.float(), self._train_correct.float(),
+                             self._train_loss_sum.new_tensor(float(self._train_count))])
+        sums = self.trainer.strategy.reduce(local, reduce_op="sum")  # every process's batches
         if float(sums[2]) > 0:
             self.log_dict({"train/loss": sums[0] / sums[2], "train/acc": sums[1] / sums[2]}, sync_dist=False)
 

@@ -58,6 +58,20 @@ def test_training_loss_and_accuracy_are_the_epoch_means():
     assert "train/loss_step" in trainer.logged_metrics
 
 
+def test_training_sums_survive_a_precision_plugin_that_casts_the_module():
+    # bf16-true casts every floating buffer of the module to bfloat16, whose 8-bit mantissa cannot count past 256
+    # exactly; the epoch's sums are kept out of its reach, so the count and the number correct stay exact
+    module = TransferModule(tiny_vit(), LinearProbe(), num_classes=5)
+    dm = Digits(task="target", num_shots=60, batch_size=50)  # 300 images
+    trainer = _trainer(max_epochs=1, limit_val_batches=0, precision="bf16-true")
+    trainer.fit(module, datamodule=dm)
+    assert module._train_count == 300
+    assert module._train_loss_sum.dtype == torch.float32
+    assert module._train_correct.dtype == torch.int64
+    assert 0 <= int(module._train_correct) <= 300
+    assert float(trainer.logged_metrics["train/acc"]) == pytest.approx(int(module._train_correct) / 300)
+
+
 def test_optimizer_groups_layer_decay_and_no_decay():
     module = TransferModule(tiny_vit(), FullFinetune(layer_decay=0.5, backbone_lr_scale=0.1), num_classes=5,
                             optimizer=lambda params: torch.optim.AdamW(params, lr=1.0, weight_decay=0.05))
