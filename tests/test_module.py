@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
+from torch import Tensor
 
 from lightning_transfer.backbones.timm import TimmBackbone
 from lightning_transfer.datamodules import Digits
@@ -142,10 +143,43 @@ def test_gradients_are_freed_before_the_forward_pass_except_while_accumulating(a
     held: list[bool] = []
     module.head.register_forward_pre_hook(
         lambda *_: held.append(any(p.grad is not None for p in module.parameters())) if module.training else None)
-    trainer = _trainer(max_steps=4 // accumulate, limit_val_batches=0, accumulate_grad_batches=accumulate)
+    zero_grads = _ZeroGradCounter()
+    trainer = _trainer(max_steps=4 // accumulate, limit_val_batches=0, accumulate_grad_batches=accumulate,
+                       callbacks=[zero_grads])
     trainer.fit(module, datamodule=Digits(task="target", num_shots=4, batch_size=5))  # 20 images: 4 batches
     assert held == expected
     assert all(p.grad is not None for p in module.parameters() if p.requires_grad)  # the last step's stay readable
+    assert zero_grads.calls == 4 // accumulate  # once per optimizer step: Lightning's own call is skipped
+
+
+class _ZeroGradCounter(Callback):
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.calls, optimizer = 0, trainer.optimizers[0]
+        zero_grad = optimizer.zero_grad
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return zero_grad(*args, **kwargs)
+
+        optimizer.zero_grad = counted
+
+
+def test_lightning_still_zeroes_gradients_when_a_subclass_skips_the_early_free():
+    class KeepsGradients(TransferModule):
+        def on_train_batch_start(self, batch, batch_idx) -> None:  # overridden without calling super()
+            pass
+
+    module = KeepsGradients(tiny_vit(), FullFinetune(), num_classes=5,
+                            optimizer=lambda params: torch.optim.SGD(params, lr=0.0))
+    grads: list[Tensor] = []
+    module.head.fc.weight.register_hook(lambda g: grads.append(g.clone()))
+    zero_grads = _ZeroGradCounter()
+    trainer = _trainer(max_steps=2, limit_val_batches=0, callbacks=[zero_grads])
+    trainer.fit(module, datamodule=Digits(task="target", num_shots=2, batch_size=5))  # 2 batches
+    assert zero_grads.calls == 2
+    # each step's .grad is that step's gradient alone, not the sum of both
+    assert torch.allclose(module.head.fc.weight.grad, grads[-1])
+    assert not torch.allclose(grads[0], grads[1])
 
 
 def test_checkpoint_is_small_and_reloads_on_fresh_backbone(tmp_path):
