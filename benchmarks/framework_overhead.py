@@ -1,8 +1,10 @@
 """Framework overhead: TransferModule + Lightning Trainer against a plain PyTorch loop, same model and batches.
 
 Both loops train the same model object with the same optimizer on the same batches (same order), in one process,
-step by step: after every Lightning training step, one plain step runs. The Lightning side is what the CLI runs
-(metrics, logging, the always-on EfficiencyMonitor); the plain side is fetch, forward, loss, backward and step only.
+step by step: after every Lightning training step, one plain step runs. The Lightning side is TransferModule (metrics,
+logging) in a Trainer with the EfficiencyMonitor every CLI run has; ``--cli-defaults`` adds what the CLI's
+``configs/defaults.yaml`` adds per step (progress bar, ModelCheckpoint, a logger). The plain side is fetch, forward,
+loss, backward and step only.
 Prints each side's median step time and the median and quartiles of the per-pair throughput ratios (target >= 0.95),
 and the same bare-LightningModule comparison, which is Lightning's own per-step cost.
 
@@ -10,21 +12,27 @@ and the same bare-LightningModule comparison, which is Lightning's own per-step 
     python benchmarks/framework_overhead.py --epochs 6 --models quickstart
     python benchmarks/framework_overhead.py --threads 1 --epochs 8     # one thread each
     python benchmarks/framework_overhead.py --accelerator gpu          # on a GPU (device synchronised per step)
+    python benchmarks/framework_overhead.py --cli-defaults --models quickstart
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
+import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_transfer.backbones.timm import TimmBackbone
-from lightning_transfer.callbacks.efficiency import EfficiencyMonitor
+from lightning_transfer.callbacks import EfficiencyMonitor, ThrottledProgressBar
 from lightning_transfer.module import TransferModule
 from lightning_transfer.strategies import FullFinetune, LinearProbe
 
@@ -98,18 +106,29 @@ class _Interleave(Callback):
         self._plain = time.perf_counter() - start
 
 
-def measure(model: str, strategy_cls: type, epochs: int, accelerator: str = "cpu") -> dict[str, float]:
-    """Median step milliseconds of both sides and the median and quartiles of the per-pair ratios (see _summary)."""
+def measure(model: str, strategy_cls: type, epochs: int, accelerator: str = "cpu",
+            cli_defaults: bool = False) -> dict[str, float]:
+    """Median step milliseconds of both sides and the median and quartiles of the per-pair ratios (see _summary).
+
+    ``cli_defaults`` adds what a ``fit`` with ``configs/defaults.yaml`` also runs every step: the CLI's progress bar,
+    a ModelCheckpoint callback and a logger written every 5 steps (a CSV logger here, where the CLI has W&B)."""
     spec, batch, batches = MODELS[model]
     torch.manual_seed(0)
     module = TransferModule(TimmBackbone(**spec), strategy_cls(), num_classes=10,
                             optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
     loader = _loader(module.backbone, batch, batches)
     timer = _Interleave(loader, torch.device("cuda") if accelerator == "gpu" else None)
-    trainer = Trainer(max_epochs=epochs + 1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, callbacks=[EfficiencyMonitor(), timer], accelerator=accelerator,
-                      devices=1, log_every_n_steps=50)
-    trainer.fit(module, train_dataloaders=loader)
+    # the progress bar writes to stdout: to the null device here, so the table stays readable
+    with tempfile.TemporaryDirectory() as out, open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+        extra: dict = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+                       "log_every_n_steps": 50, "callbacks": [EfficiencyMonitor(), timer]}
+        if cli_defaults:
+            extra = {"logger": CSVLogger(out), "log_every_n_steps": 5, "default_root_dir": out,
+                     "callbacks": [EfficiencyMonitor(), ThrottledProgressBar(),
+                                   ModelCheckpoint(dirpath=out, save_last=True, save_top_k=0), timer]}
+        trainer = Trainer(max_epochs=epochs + 1, enable_model_summary=False, accelerator=accelerator, devices=1,
+                          **extra)
+        trainer.fit(module, train_dataloaders=loader)
     return _summary(timer)
 
 
@@ -160,6 +179,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated, of: {', '.join(MODELS)}")
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument("--cli-defaults", action="store_true",
+                        help="add the CLI's per-step extras: progress bar, ModelCheckpoint, a logger every 5 steps")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's; 1 is steadier on a shared machine)")
     args = parser.parse_args()
@@ -182,7 +203,7 @@ def main() -> None:
           f"{'[q1, q3]':>15} {'total':>6} {'ms added':>9}")
     for model in args.models.split(","):
         for strategy_cls in (FullFinetune, LinearProbe):
-            r = measure(model, strategy_cls, args.epochs, args.accelerator)
+            r = measure(model, strategy_cls, args.epochs, args.accelerator, args.cli_defaults)
             quartiles = f"[{r['q1']:.3f}, {r['q3']:.3f}]"
             print(f"{model:<16} {strategy_cls.__name__:<14} {r['pairs']:>5} {r['lightning_ms']:>12.2f} "
                   f"{r['plain_ms']:>9.2f} {r['ratio']:>6.3f} {quartiles:>15} {r['total_ratio']:>6.3f} "

@@ -8,6 +8,7 @@ files compose, components are chosen by ``class_path`` (short class names work: 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -15,12 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from jsonargparse import Namespace
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
 import lightning_transfer  # noqa: F401  (fills the registries)
 from lightning_transfer.callbacks.efficiency import EfficiencyMonitor
+from lightning_transfer.callbacks.progress import ThrottledProgressBar
 from lightning_transfer.checkpointing import PARTIAL_PREFIX
 from lightning_transfer.datamodules.base import TransferDataModule
 from lightning_transfer.loggers import default_wandb_mode
@@ -133,6 +137,33 @@ class TransferCLI(LightningCLI):
         if config.model.get("test_time") is not None and config.trainer.get("inference_mode", True):
             # test-time methods take gradient steps inside trainer.test
             config.trainer.inference_mode = False
+        add_default_progress_bar(config.trainer)
+
+
+def add_default_progress_bar(trainer: Any) -> None:
+    """Give the trainer config a :class:`ThrottledProgressBar`, unless it names a progress bar or turns them off.
+
+    Lightning's own default bar redraws on every batch, about 0.6 ms a step (3% of a small model's 20 ms step)."""
+    if trainer.get("enable_progress_bar") is False:
+        return
+    callbacks = trainer.get("callbacks")
+    listed = list(callbacks) if isinstance(callbacks, list) else [] if callbacks is None else [callbacks]
+    if any(_is_progress_bar(cb) for cb in listed):
+        return
+    listed.append(Namespace(class_path=_class_path(ThrottledProgressBar), init_args=Namespace(refresh_seconds=0.5)))
+    trainer.callbacks = listed
+
+
+def _is_progress_bar(callback: Any) -> bool:
+    if isinstance(callback, Callback):
+        return isinstance(callback, ProgressBar)
+    class_path = str(callback.get("class_path", "")) if hasattr(callback, "get") else ""
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return False  # not a class this process can load: jsonargparse has already said so if it matters
+    return isinstance(cls, type) and issubclass(cls, ProgressBar)
 
 
 # ---- resuming: `fit --ckpt_path last` continues the run (and the W&B run) that wrote the checkpoint -------------

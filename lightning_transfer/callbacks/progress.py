@@ -1,0 +1,40 @@
+"""A progress bar that redraws by time, not every batch: the CLI's default."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+
+class ThrottledProgressBar(TQDMProgressBar):
+    """Lightning's tqdm progress bar, redrawn at most once every ``refresh_seconds`` (and at each loop's last batch).
+
+    Lightning's bar redraws and rebuilds its metrics postfix every ``refresh_rate`` batches, by default every batch:
+    about 0.6 ms a step on a 2-core CPU, 3% of a 20 ms step. A step count cannot suit both a fast loop and a slow one
+    (refresh every 10 batches is still 500 redraws a second at 20 ms a step, and one every 10 s at 1 s a step), so this
+    bar also waits for the clock. The ``transfer`` CLI adds it unless the config names a progress bar of its own or
+    sets ``trainer.enable_progress_bar: false``.
+
+    Args:
+        refresh_seconds: least time between two redraws; 0 redraws on every ``refresh_rate``-th batch like Lightning.
+        refresh_rate, process_position, leave: as for :class:`~lightning.pytorch.callbacks.TQDMProgressBar`.
+    """
+
+    def __init__(self, refresh_seconds: float = 0.5, refresh_rate: int = 1, process_position: int = 0,
+                 leave: bool = False) -> None:
+        if not refresh_seconds >= 0:
+            raise ValueError(f"refresh_seconds={refresh_seconds!r}: give the least time between redraws, >= 0")
+        super().__init__(refresh_rate=refresh_rate, process_position=process_position, leave=leave)
+        self.refresh_seconds = refresh_seconds
+        self._last_redraw = -math.inf
+
+    def _should_update(self, current: int, total: int) -> bool:  # every bar's batch-end hook asks this
+        if not super()._should_update(current, total):
+            return False
+        now = time.monotonic()
+        if current == total or now - self._last_redraw >= self.refresh_seconds:
+            self._last_redraw = now
+            return True
+        return False

@@ -1,0 +1,63 @@
+"""ThrottledProgressBar redraws by the clock, and the CLI gives it to every run that shows a progress bar."""
+
+from __future__ import annotations
+
+import pytest
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+from lightning_transfer.callbacks import ThrottledProgressBar
+from lightning_transfer.cli import TransferCLI
+from lightning_transfer.datamodules import Digits
+from lightning_transfer.module import TransferModule
+from lightning_transfer.strategies import LinearProbe
+from tests.conftest import REPO
+from tests.helpers.models import tiny_vit
+
+QUICK = str(REPO / "configs" / "quickstart.yaml")
+NO_LOGGER = ["--trainer.logger=false"]
+
+
+def _postfix_calls(monkeypatch, bar) -> list[int]:
+    """Fit 10 training batches with ``bar`` and count the training bar's redraws of its metrics postfix."""
+    calls: list[int] = []
+    original = Tqdm.set_postfix
+    monkeypatch.setattr(Tqdm, "set_postfix", lambda self, *a, **k: (calls.append(self.n), original(self, *a, **k)))
+    module = TransferModule(tiny_vit(), LinearProbe(), num_classes=5)
+    trainer = Trainer(max_epochs=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                      enable_model_summary=False, callbacks=[bar], accelerator="cpu")
+    trainer.fit(module, datamodule=Digits(task="target", num_shots=10, batch_size=5))  # 50 images: 10 batches
+    return calls
+
+
+def test_redraws_wait_for_the_clock_but_the_last_batch_is_always_drawn(monkeypatch):
+    assert len(_postfix_calls(monkeypatch, TQDMProgressBar())) == 11  # Lightning's: every batch, then epoch end
+    calls = _postfix_calls(monkeypatch, ThrottledProgressBar(refresh_seconds=3600))
+    assert calls == [1, 10, 10]  # the first batch, the last batch, the epoch end
+
+
+def test_zero_seconds_draws_like_lightnings_bar(monkeypatch):
+    assert len(_postfix_calls(monkeypatch, ThrottledProgressBar(refresh_seconds=0, refresh_rate=2))) == 6
+
+
+def test_a_negative_interval_is_refused():
+    with pytest.raises(ValueError, match="refresh_seconds=-1"):
+        ThrottledProgressBar(refresh_seconds=-1)
+
+
+def _bars(args: list[str]) -> list:
+    cli = TransferCLI(args=["--config", QUICK, *NO_LOGGER, *args], run=False)
+    return [cb for cb in cli.trainer.callbacks if isinstance(cb, (TQDMProgressBar, RichProgressBar))]
+
+
+def test_cli_gives_runs_with_a_progress_bar_the_throttled_one():
+    bars = _bars(["--trainer.enable_progress_bar=true"])
+    assert len(bars) == 1 and type(bars[0]) is ThrottledProgressBar and bars[0].refresh_seconds == 0.5
+
+
+def test_cli_keeps_a_configured_progress_bar_and_a_disabled_one():
+    assert _bars([]) == []  # configs/quickstart.yaml turns progress bars off
+    bars = _bars(["--trainer.enable_progress_bar=true", "--trainer.callbacks+=TQDMProgressBar",
+                  "--trainer.callbacks.refresh_rate=7"])
+    assert len(bars) == 1 and type(bars[0]) is TQDMProgressBar and bars[0].refresh_rate == 7
