@@ -149,7 +149,22 @@ def test_gradients_are_freed_before_the_forward_pass_except_while_accumulating(a
     trainer.fit(module, datamodule=Digits(task="target", num_shots=4, batch_size=5))  # 20 images: 4 batches
     assert held == expected
     assert all(p.grad is not None for p in module.parameters() if p.requires_grad)  # the last step's stay readable
-    assert zero_grads.calls == 4 // accumulate  # once per optimizer step: Lightning's own call is skipped
+    # the early free sets .grad to None itself, and Lightning's own zero_grad pass, with nothing left to free, is skipped
+    assert zero_grads.calls == 0
+
+
+def test_an_optimizer_with_its_own_zero_grad_is_asked_once_per_step():
+    calls: list[bool] = []
+
+    class CountingSGD(torch.optim.SGD):
+        def zero_grad(self, set_to_none: bool = True) -> None:
+            calls.append(set_to_none)
+            super().zero_grad(set_to_none)
+
+    module = TransferModule(tiny_vit(), FullFinetune(), num_classes=5, optimizer=lambda p: CountingSGD(p, lr=0.1))
+    trainer = _trainer(max_steps=2, limit_val_batches=0, accumulate_grad_batches=2)
+    trainer.fit(module, datamodule=Digits(task="target", num_shots=4, batch_size=5))  # 4 batches, 2 steps
+    assert calls == [True, True]
 
 
 class _ZeroGradCounter(Callback):
