@@ -184,7 +184,9 @@ class TransferModule(LightningModule):
         self._train_count += len(targets)
         connector = getattr(self._trainer, "_logger_connector", None)
         if connector is None or connector.should_update_logs:  # only the steps the loggers record
-            self.log("train/loss_step", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(targets))
+            # not prog_bar: Lightning would then convert the last logged value with .item() on every later step
+            # (a device sync per step on a GPU); the CLI's progress bar shows running_train_loss() instead
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False, batch_size=len(targets))
         return loss
 
     def _reset_train_sums(self) -> None:
@@ -195,6 +197,10 @@ class TransferModule(LightningModule):
         self.__dict__["_train_loss_sum"] = torch.zeros((), device=self.device)
         self.__dict__["_train_correct"] = torch.zeros((), dtype=torch.long, device=self.device)
         self._train_count = 0
+
+    def running_train_loss(self) -> float | None:
+        """Mean training loss of the epoch so far (None before its first batch). Reads the device: call it rarely."""
+        return float(self._train_loss_sum) / self._train_count if self._train_count else None
 
     def on_train_epoch_start(self) -> None:
         self._reset_train_sums()  # on the device training runs on

@@ -61,3 +61,16 @@ def test_cli_keeps_a_configured_progress_bar_and_a_disabled_one():
     bars = _bars(["--trainer.enable_progress_bar=true", "--trainer.callbacks+=TQDMProgressBar",
                   "--trainer.callbacks.refresh_rate=7"])
     assert len(bars) == 1 and type(bars[0]) is TQDMProgressBar and bars[0].refresh_rate == 7
+
+
+def test_the_bar_shows_the_running_training_loss_without_a_per_step_progress_bar_metric():
+    module = TransferModule(tiny_vit(), LinearProbe(), num_classes=5)
+    assert module.running_train_loss() is None  # nothing trained yet
+    bar = ThrottledProgressBar()
+    trainer = Trainer(max_epochs=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                      enable_model_summary=False, callbacks=[bar], accelerator="cpu", log_every_n_steps=1)
+    trainer.fit(module, datamodule=Digits(task="target", num_shots=4, batch_size=5))
+    # a progress-bar metric logged on steps would be read back with .item() on every step (a GPU sync)
+    assert "train/loss_step" in trainer.logged_metrics and "train/loss_step" not in trainer.progress_bar_metrics
+    shown = bar.get_metrics(trainer, module)["train/loss"]
+    assert shown == pytest.approx(float(trainer.logged_metrics["train/loss"]))  # the epoch's mean

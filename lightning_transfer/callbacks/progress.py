@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 
@@ -15,7 +16,8 @@ class ThrottledProgressBar(TQDMProgressBar):
     about 0.6 ms a step on a 2-core CPU, 3% of a 20 ms step. A step count cannot suit both a fast loop and a slow one
     (refresh every 10 batches is still 500 redraws a second at 20 ms a step, and one every 10 s at 1 s a step), so this
     bar also waits for the clock. The ``transfer`` CLI adds it unless the config names a progress bar of its own or
-    sets ``trainer.enable_progress_bar: false``.
+    sets ``trainer.enable_progress_bar: false``. Its postfix also shows ``train/loss``, the running mean of the epoch's
+    training loss, read from the module only when the bar redraws.
 
     Args:
         refresh_seconds: least time between two redraws; 0 redraws on every ``refresh_rate``-th batch like Lightning.
@@ -29,6 +31,15 @@ class ThrottledProgressBar(TQDMProgressBar):
         super().__init__(refresh_rate=refresh_rate, process_position=process_position, leave=leave)
         self.refresh_seconds = refresh_seconds
         self._last_redraw = -math.inf
+
+    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, int | float | str]:
+        """Lightning's postfix, plus the epoch's running training loss of a module that keeps one (TransferModule)."""
+        metrics = super().get_metrics(trainer, pl_module)
+        running = getattr(pl_module, "running_train_loss", None)
+        loss = running() if callable(running) else None
+        if loss is not None:
+            metrics["train/loss"] = loss
+        return metrics
 
     def _should_update(self, current: int, total: int) -> bool:  # every bar's batch-end hook asks this
         if not super()._should_update(current, total):
