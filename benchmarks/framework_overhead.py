@@ -13,6 +13,7 @@ and the same bare-LightningModule comparison, which is Lightning's own per-step 
     python benchmarks/framework_overhead.py --threads 1 --epochs 8     # one thread each
     python benchmarks/framework_overhead.py --accelerator gpu          # on a GPU (device synchronised per step)
     python benchmarks/framework_overhead.py --cli-defaults --models quickstart
+    python benchmarks/framework_overhead.py --accelerator gpu --pairing epoch --epochs 8   # no per-step sync
 """
 
 from __future__ import annotations
@@ -106,8 +107,42 @@ class _Interleave(Callback):
         self._plain = time.perf_counter() - start
 
 
+class _InterleaveEpochs(_Interleave):
+    """Whole epochs instead of steps: after each Lightning epoch, one plain epoch over the same loader.
+
+    Nothing synchronises inside an epoch, so on a GPU each side can queue work ahead as a real run does (a
+    per-step synchronisation bills the loop's host time in full, where a run would overlap it with the GPU's work);
+    for a quiet dedicated machine, where epoch-to-epoch noise is small. Epoch 0 warms up and is left out."""
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._sync()
+        self._start = time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        pass
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        pass
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._sync()
+        lightning = time.perf_counter() - self._start
+        optimizer = trainer.optimizers[0]
+        start = time.perf_counter()
+        for x, y in self.loader:
+            if self.device is not None:
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(pl_module(x), y).backward()
+            optimizer.step()
+        self._sync()
+        if trainer.current_epoch:
+            self.lightning_steps.append(lightning)
+            self.plain_steps.append(time.perf_counter() - start)
+
+
 def measure(model: str, strategy_cls: type, epochs: int, accelerator: str = "cpu",
-            cli_defaults: bool = False) -> dict[str, float]:
+            cli_defaults: bool = False, pairing: str = "step") -> dict[str, float]:
     """Median step milliseconds of both sides and the median and quartiles of the per-pair ratios (see _summary).
 
     ``cli_defaults`` adds what a ``fit`` with ``configs/defaults.yaml`` also runs every step: the CLI's progress bar,
@@ -117,7 +152,8 @@ def measure(model: str, strategy_cls: type, epochs: int, accelerator: str = "cpu
     module = TransferModule(TimmBackbone(**spec), strategy_cls(), num_classes=10,
                             optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
     loader = _loader(module.backbone, batch, batches)
-    timer = _Interleave(loader, torch.device("cuda") if accelerator == "gpu" else None)
+    timer = (_Interleave if pairing == "step" else _InterleaveEpochs)(
+        loader, torch.device("cuda") if accelerator == "gpu" else None)
     # the progress bar writes to stdout: to the null device here, so the table stays readable
     with tempfile.TemporaryDirectory() as out, open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
         extra: dict = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
@@ -134,7 +170,7 @@ def measure(model: str, strategy_cls: type, epochs: int, accelerator: str = "cpu
 
 def _summary(timer: _Interleave) -> dict[str, float]:
     ratios = [p / lt for lt, p in zip(timer.lightning_steps, timer.plain_steps)]
-    q1, ratio, q3 = statistics.quantiles(ratios, n=4)
+    q1, ratio, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3  # one pair: no spread
     added = [lt - p for lt, p in zip(timer.lightning_steps, timer.plain_steps)]
     return {"lightning_ms": 1e3 * statistics.median(timer.lightning_steps),
             "plain_ms": 1e3 * statistics.median(timer.plain_steps), "ratio": ratio, "q1": q1, "q3": q3,
@@ -179,6 +215,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated, of: {', '.join(MODELS)}")
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument("--pairing", default="step", choices=["step", "epoch"],
+                        help="pair single steps (default) or whole epochs; the times printed are then per epoch")
     parser.add_argument("--cli-defaults", action="store_true",
                         help="add the CLI's per-step extras: progress bar, ModelCheckpoint, a logger every 5 steps")
     parser.add_argument("--threads", type=int, default=None,
@@ -194,16 +232,18 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     where = torch.cuda.get_device_name() if args.accelerator == "gpu" else f"{torch.get_num_threads()} threads"
+    unit = args.pairing
     print(f"torch {torch.__version__}, {where}, {args.epochs} timed epochs each; every "
-          "Lightning step is paired with a plain step of the same module run right after it.\n"
-          "ratio = median over the pairs of plain step time / Lightning step time (Lightning's throughput as a "
+          f"Lightning {unit} is paired with a plain {unit} of the same module run right after it"
+          f"{'' if unit == 'step' else ' (ms columns are per epoch)'}.\n"
+          f"ratio = median over the pairs of plain {unit} time / Lightning {unit} time (Lightning's throughput as a "
           "fraction of the plain loop's; target >= 0.95), [quartiles]; total = summed plain time / summed Lightning "
           "time; added = median per-pair difference", flush=True)
     print(f"{'model':<16} {'strategy':<14} {'pairs':>5} {'Lightning ms':>12} {'plain ms':>9} {'ratio':>6} "
           f"{'[q1, q3]':>15} {'total':>6} {'ms added':>9}")
     for model in args.models.split(","):
         for strategy_cls in (FullFinetune, LinearProbe):
-            r = measure(model, strategy_cls, args.epochs, args.accelerator, args.cli_defaults)
+            r = measure(model, strategy_cls, args.epochs, args.accelerator, args.cli_defaults, args.pairing)
             quartiles = f"[{r['q1']:.3f}, {r['q3']:.3f}]"
             print(f"{model:<16} {strategy_cls.__name__:<14} {r['pairs']:>5} {r['lightning_ms']:>12.2f} "
                   f"{r['plain_ms']:>9.2f} {r['ratio']:>6.3f} {quartiles:>15} {r['total_ratio']:>6.3f} "
