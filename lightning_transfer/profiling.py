@@ -26,5 +26,6 @@ class NullProfiler(PassThroughProfiler):
 
 def use_null_profiler(trainer: Trainer) -> None:
     """Swap the trainer's default PassThroughProfiler for :class:`NullProfiler` (a profiler the user chose is kept)."""
-    if type(trainer.profiler) is PassThroughProfiler:
-        trainer.profiler = NullProfiler()
+    # Trainer sets .profiler in __init__, which its type annotations do not declare
+    if type(trainer.profiler) is PassThroughProfiler:  # type: ignore[attr-defined]
+        trainer.profiler = NullProfiler()  # type: ignore[attr-defined]

@@ -149,7 +149,7 @@ def test_gradients_are_freed_before_the_forward_pass_except_while_accumulating(a
     trainer.fit(module, datamodule=Digits(task="target", num_shots=4, batch_size=5))  # 20 images: 4 batches
     assert held == expected
     assert all(p.grad is not None for p in module.parameters() if p.requires_grad)  # the last step's stay readable
-    # the early free sets .grad to None itself, and Lightning's own zero_grad pass, with nothing left to free, is skipped
+    # the early free sets .grad to None itself; Lightning's own zero_grad, with nothing left to free, is skipped
     assert zero_grads.calls == 0
 
 

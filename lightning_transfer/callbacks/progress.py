@@ -8,6 +8,8 @@ import time
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import TQDMProgressBar
 
+_Shown = int | str | float | dict[str, float]  # what Lightning's bars accept as a postfix value
+
 
 class ThrottledProgressBar(TQDMProgressBar):
     """Lightning's tqdm progress bar, redrawn at most once every ``refresh_seconds`` (and at each loop's last batch).
@@ -32,7 +34,7 @@ class ThrottledProgressBar(TQDMProgressBar):
         self.refresh_seconds = refresh_seconds
         self._last_redraw = -math.inf
 
-    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, int | float | str]:
+    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, _Shown]:
         """Lightning's postfix, plus the epoch's running training loss of a module that keeps one (TransferModule)."""
         metrics = super().get_metrics(trainer, pl_module)
         running = getattr(pl_module, "running_train_loss", None)
