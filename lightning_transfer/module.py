@@ -204,6 +204,7 @@ class TransferModule(LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._reset_train_sums()  # on the device training runs on
+        self._grads_freed = False  # a step that skipped Lightning's zero_grad (e.g. skipped backward) leaves it set
 
     def on_train_epoch_end(self) -> None:
         local = torch.stack([self._train_loss_sum.float(), self._train_correct.float(),

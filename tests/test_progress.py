@@ -19,14 +19,14 @@ QUICK = str(REPO / "configs" / "quickstart.yaml")
 NO_LOGGER = ["--trainer.logger=false"]
 
 
-def _postfix_calls(monkeypatch, bar) -> list[int]:
-    """Fit 10 training batches with ``bar`` and count the training bar's redraws of its metrics postfix."""
+def _postfix_calls(monkeypatch, bar, max_steps: int = -1) -> list[int]:
+    """Fit 10 training batches with ``bar`` and list the batch count the bar showed at each redraw of its postfix."""
     calls: list[int] = []
     original = Tqdm.set_postfix
     monkeypatch.setattr(Tqdm, "set_postfix", lambda self, *a, **k: (calls.append(self.n), original(self, *a, **k)))
     module = TransferModule(tiny_vit(), LinearProbe(), num_classes=5)
-    trainer = Trainer(max_epochs=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                      enable_model_summary=False, callbacks=[bar], accelerator="cpu")
+    trainer = Trainer(max_epochs=1, max_steps=max_steps, limit_val_batches=0, logger=False,
+                      enable_checkpointing=False, enable_model_summary=False, callbacks=[bar], accelerator="cpu")
     trainer.fit(module, datamodule=Digits(task="target", num_shots=10, batch_size=5))  # 50 images: 10 batches
     return calls
 
@@ -35,6 +35,10 @@ def test_redraws_wait_for_the_clock_but_the_last_batch_is_always_drawn(monkeypat
     assert len(_postfix_calls(monkeypatch, TQDMProgressBar())) == 11  # Lightning's: every batch, then epoch end
     calls = _postfix_calls(monkeypatch, ThrottledProgressBar(refresh_seconds=3600))
     assert calls == [1, 10, 10]  # the first batch, the last batch, the epoch end
+
+
+def test_an_epoch_cut_short_still_ends_on_its_true_count(monkeypatch):
+    assert _postfix_calls(monkeypatch, ThrottledProgressBar(refresh_seconds=3600), max_steps=7) == [1, 7]
 
 
 def test_zero_seconds_draws_like_lightnings_bar(monkeypatch):
@@ -54,6 +58,17 @@ def _bars(args: list[str]) -> list:
 def test_cli_gives_runs_with_a_progress_bar_the_throttled_one():
     bars = _bars(["--trainer.enable_progress_bar=true"])
     assert len(bars) == 1 and type(bars[0]) is ThrottledProgressBar and bars[0].refresh_seconds == 0.5
+
+
+def test_the_bar_is_not_written_into_the_saved_config_and_barebones_runs_without_it(tmp_path):
+    cli = TransferCLI(args=["--config", QUICK, *NO_LOGGER, "--trainer.enable_progress_bar=true"], run=False)
+    assert "ThrottledProgressBar" not in str(cli.config.trainer.callbacks)  # what config.yaml would hold
+    # barebones turns the progress bar off itself; a bar in the callbacks would make the Trainer refuse to start
+    bare = TransferCLI(args=["--config", QUICK, *NO_LOGGER, "--trainer.barebones=true",
+                             "--trainer.enable_progress_bar=null", "--trainer.enable_checkpointing=false",
+                             "--trainer.enable_model_summary=false", "--trainer.log_every_n_steps=null",
+                             "--trainer.num_sanity_val_steps=null", "--trainer.callbacks=null"], run=False)
+    assert not any(isinstance(cb, (TQDMProgressBar, RichProgressBar)) for cb in bare.trainer.callbacks)
 
 
 def test_cli_keeps_a_configured_progress_bar_and_a_disabled_one():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import TQDMProgressBar
@@ -33,6 +34,19 @@ class ThrottledProgressBar(TQDMProgressBar):
         super().__init__(refresh_rate=refresh_rate, process_position=process_position, leave=leave)
         self.refresh_seconds = refresh_seconds
         self._last_redraw = -math.inf
+        self._train_batches = 0
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._train_batches = batch_idx + 1
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # an epoch cut short (max_steps) or of unknown length may have skipped its last redraws: show the true count
+        # (Lightning's epoch-end postfix update below redraws the bar)
+        if not self.train_progress_bar.disable:
+            self.train_progress_bar.n = self._train_batches
+        super().on_train_epoch_end(trainer, pl_module)
 
     def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, _Shown]:
         """Lightning's postfix, plus the epoch's running training loss of a module that keeps one (TransferModule)."""
