@@ -152,7 +152,6 @@ class TransferCLI(LightningCLI):
             config.trainer.inference_mode = False
 
 
-
 def _as_list(value: Any) -> list:
     return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
