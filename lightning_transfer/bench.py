@@ -96,7 +96,7 @@ def run_one(configs: list[str], overrides: list[str], seed: int, workdir: Path) 
     fit_seconds = time.perf_counter() - start
     tested = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
     ckpt = workdir / "final.ckpt"
-    cli.trainer.save_checkpoint(ckpt)
+    cli.trainer.save_checkpoint(ckpt, weights_only=False)  # resumable: optimizer state included, as fit saves it
     callbacks = cli.trainer.callbacks  # type: ignore[attr-defined]
     monitor = next(cb for cb in callbacks if isinstance(cb, EfficiencyMonitor))
     m = monitor.metrics
