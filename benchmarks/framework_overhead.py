@@ -91,18 +91,19 @@ class _Interleave(Callback):
             self.plain_steps.append(self._plain)
         self._last = now
 
+    def _plain_step(self, module: LightningModule, optimizer: torch.optim.Optimizer, batch: list) -> None:
+        """What a plain loop does for one batch; its tensors are freed before it returns, as the next one would."""
+        x, y = batch
+        if self.device is not None:
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(module(x), y).backward()
+        optimizer.step()
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._sync()
         start = time.perf_counter()
-        x, y = next(self._batches)
-        if self.device is not None:
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        optimizer = trainer.optimizers[0]
-        optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(pl_module(x), y)
-        loss.backward()
-        optimizer.step()
-        del x, y, loss  # freed inside the plain step's own time, as a loop's next iteration would free them
+        self._plain_step(pl_module, trainer.optimizers[0], next(self._batches))
         self._sync()
         self._plain = time.perf_counter() - start
 
@@ -127,18 +128,17 @@ class _InterleaveEpochs(_Interleave):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._sync()
         lightning = time.perf_counter() - self._start
-        optimizer = trainer.optimizers[0]
         start = time.perf_counter()
-        for x, y in self.loader:
-            if self.device is not None:
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(pl_module(x), y).backward()
-            optimizer.step()
+        for batch in self.loader:
+            self._plain_step(pl_module, trainer.optimizers[0], batch)
         self._sync()
         if trainer.current_epoch:
             self.lightning_steps.append(lightning)
             self.plain_steps.append(time.perf_counter() - start)
+
+
+def _cuda_if(accelerator: str) -> torch.device | None:
+    return torch.device("cuda") if accelerator == "gpu" else None
 
 
 def measure(model: str, strategy_cls: type, epochs: int, accelerator: str = "cpu",
@@ -152,8 +152,7 @@ def measure(model: str, strategy_cls: type, epochs: int, accelerator: str = "cpu
     module = TransferModule(TimmBackbone(**spec), strategy_cls(), num_classes=10,
                             optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
     loader = _loader(module.backbone, batch, batches)
-    timer = (_Interleave if pairing == "step" else _InterleaveEpochs)(
-        loader, torch.device("cuda") if accelerator == "gpu" else None)
+    timer = (_Interleave if pairing == "step" else _InterleaveEpochs)(loader, _cuda_if(accelerator))
     # the progress bar writes to stdout: to the null device here, so the table stays readable
     with tempfile.TemporaryDirectory() as out, open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
         extra: dict = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
@@ -202,7 +201,7 @@ def lightning_floor(steps: int = 300, epochs: int = 3, accelerator: str = "cpu")
                                                                                              generator=g)),
                         batch_size=64)
     model = _Bare()
-    timer = _Interleave(loader, torch.device("cuda") if accelerator == "gpu" else None)
+    timer = _Interleave(loader, _cuda_if(accelerator))
     trainer = Trainer(max_epochs=epochs + 1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, callbacks=[timer], accelerator=accelerator, devices=1,
                       log_every_n_steps=50)
