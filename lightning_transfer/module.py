@@ -17,6 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibratio
 from lightning_transfer import distributed
 from lightning_transfer.backbones.base import Backbone, tensors_digest
 from lightning_transfer.checkpointing import capture_rng_states, restore_rng_states, use_atomic_checkpoint_io
+from lightning_transfer.cuda_check import skip_nvml_check_without_gpus
 from lightning_transfer.heads import LinearHead
 from lightning_transfer.profiling import use_null_profiler
 from lightning_transfer.strategies.base import AdaptationStrategy
@@ -131,6 +132,7 @@ class TransferModule(LightningModule):
         distributed.find_unused_parameters_from_flags(self.trainer, self.adaptation)
         use_atomic_checkpoint_io(self.trainer)
         use_null_profiler(self.trainer)  # Lightning's default profiler costs ~0.4 ms a step and profiles nothing
+        skip_nvml_check_without_gpus()  # without a GPU, Lightning's NVML flag costs Adam-family steps ~0.2 ms each
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in self._PLAIN_ATTRIBUTES and not isinstance(value, (Tensor, nn.Module)):
