@@ -1,4 +1,4 @@
-"""Without a GPU, TransferModule clears Lightning's NVML-based CUDA check flag, which every Adam-family step paid for."""
+"""Without a GPU, TransferModule clears Lightning's NVML-based CUDA check flag, which every Adam step paid for."""
 
 from __future__ import annotations
 
