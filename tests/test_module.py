@@ -59,6 +59,50 @@ def test_training_loss_and_accuracy_are_the_epoch_means():
     assert "train/loss_step" in trainer.logged_metrics
 
 
+def _loader(seed: int, n: int, batch_size: int) -> torch.utils.data.DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    data = torch.utils.data.TensorDataset(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 5, (n,), generator=g))
+    return torch.utils.data.DataLoader(data, batch_size=batch_size)
+
+
+def _expected(module: TransferModule, loader) -> dict[str, float]:
+    module.eval()
+    with torch.no_grad():
+        logits = torch.cat([module(x) for x, _ in loader])
+    labels = torch.cat([y for _, y in loader])
+    return {"loss": float(torch.nn.functional.cross_entropy(logits, labels)),
+            "acc": float((logits.argmax(-1) == labels).float().mean())}
+
+
+def test_evaluation_numbers_are_over_every_sample_of_each_dataloader_and_start_afresh_each_run():
+    module = TransferModule(tiny_vit(), LinearProbe(), num_classes=5)
+    trainer = _trainer()
+    # batches of 5, 5, 3: a mean of the batch means would weigh the last three samples more
+    first, second, third = _loader(0, 13, 5), _loader(1, 9, 4), _loader(2, 7, 3)
+    val = trainer.validate(module, first, verbose=False)[0]
+    expected = _expected(module, first)
+    assert val["val/loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert val["val/acc"] == pytest.approx(expected["acc"])
+    assert "val/loss" in trainer.progress_bar_metrics
+    # a second run counts only its own samples (the metrics were reset), and each test dataloader only its own
+    results = trainer.test(module, [second, third], verbose=False)
+    for index, loader in enumerate((second, third)):
+        expected = _expected(module, loader)
+        assert results[index][f"test/loss/dataloader_idx_{index}"] == pytest.approx(expected["loss"], rel=1e-5)
+        assert results[index][f"test/acc/dataloader_idx_{index}"] == pytest.approx(expected["acc"])
+
+
+def test_evaluation_logs_each_metric_once_per_dataloader_not_once_per_step(monkeypatch):
+    calls = []
+    original = TransferModule.log
+    monkeypatch.setattr(TransferModule, "log", lambda self, name, *a, **k: calls.append(name) or original(
+        self, name, *a, **k))
+    module = TransferModule(tiny_vit(), LinearProbe(), num_classes=5)
+    _trainer().test(module, [_loader(0, 20, 2), _loader(1, 6, 2)], verbose=False)  # 10 and 3 steps
+    names = {"loss", "acc", "acc_top5", "ece"}
+    assert sorted(calls) == sorted([f"test/{n}" for n in names] * 2)
+
+
 def test_training_sums_survive_a_precision_plugin_that_casts_the_module():
     # bf16-true casts every floating buffer of the module to bfloat16, whose 8-bit mantissa cannot count past 256
     # exactly; the epoch's sums are kept out of its reach, so the count and the number correct stay exact
