@@ -33,6 +33,8 @@ class _MeanCrossEntropy(Metric):
     the mean is over every process's samples."""
 
     full_state_update = False
+    total: Tensor
+    count: Tensor
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
