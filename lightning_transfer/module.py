@@ -35,11 +35,12 @@ class _MeanCrossEntropy(Metric):
     full_state_update = False
     total: Tensor
     count: Tensor
+    _SUMS = ("total", "count")
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.add_state("total", torch.zeros(()), dist_reduce_fx="sum")
-        self.add_state("count", torch.zeros(()), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros((), dtype=torch.float32), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         self.total += nn.functional.cross_entropy(preds.float(), target, reduction="sum")
@@ -47,6 +48,15 @@ class _MeanCrossEntropy(Metric):
 
     def compute(self) -> Tensor:
         return self.total / self.count
+
+    def _apply(self, fn: Any, exclude_state: Any = ()) -> nn.Module:
+        # A precision plugin that casts the module (bf16-true, 16-true: module.to(dtype)) reaches metric states too,
+        # and a bf16 sum stops growing (at 256 its spacing is 2): the sums only follow the module's device
+        super()._apply(fn, exclude_state=(*self._SUMS, *exclude_state))  # moves self, and returns it
+        for key in self._SUMS:
+            setattr(self, key, getattr(self, key).to(self.device))
+            self._defaults[key] = self._defaults[key].to(self.device)  # type: ignore[union-attr]
+        return self
 
 
 def _metrics(num_classes: int, ece_bins: int, prefix: str) -> MetricCollection:
@@ -253,7 +263,13 @@ class TransferModule(LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._eval_step(batch, batch_idx, self.val_metrics)
 
+    def on_validation_epoch_start(self) -> None:
+        # Lightning resets logged metrics when an evaluation completes; one that raised part-way would leave its
+        # samples in them for the next run
+        self.val_metrics.reset()
+
     def on_test_start(self) -> None:
+        self.test_metrics.reset()  # as for validation; the per-dataloader collections below are clones of it
         # one metric collection per extra test dataloader (e.g. per corruption type), so their numbers never mix
         num_loaders = len(getattr(self.trainer, "num_test_batches", None) or [0])
         self.test_metrics_per_dataloader = nn.ModuleDict(

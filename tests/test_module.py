@@ -92,6 +92,39 @@ def test_evaluation_numbers_are_over_every_sample_of_each_dataloader_and_start_a
         assert results[index][f"test/acc/dataloader_idx_{index}"] == pytest.approx(expected["acc"])
 
 
+def test_an_evaluation_that_failed_part_way_leaves_nothing_in_the_next_ones_numbers():
+    class Fail(Callback):
+        def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+            if batch_idx == 1:
+                raise RuntimeError("stop")
+
+        on_test_batch_end = on_validation_batch_end
+
+    module = TransferModule(tiny_vit(), LinearProbe(), num_classes=5)
+    for method in ("validate", "test"):
+        with pytest.raises(RuntimeError, match="stop"):
+            getattr(_trainer(callbacks=[Fail()]), method)(module, _loader(9, 20, 5), verbose=False)
+    loader = _loader(0, 13, 5)
+    expected = _expected(module, loader)
+    for method, stage in (("validate", "val"), ("test", "test")):
+        got = getattr(_trainer(), method)(module, loader, verbose=False)[0]
+        assert got[f"{stage}/loss"] == pytest.approx(expected["loss"], rel=1e-5)
+        assert got[f"{stage}/acc"] == pytest.approx(expected["acc"])
+
+
+def test_the_evaluation_loss_stays_float32_under_a_precision_that_casts_the_module():
+    # bf16-true casts the module, metric states included: a bf16 sum stops growing past 256 (its spacing there is 2)
+    module = TransferModule(tiny_vit(), LinearProbe(), num_classes=5)
+    loader = _loader(0, 600, 100)
+    got = _trainer(precision="bf16-true").validate(module, loader, verbose=False)[0]
+    assert module.val_metrics["loss"].total.dtype == torch.float32
+    module.eval()
+    with torch.no_grad():
+        logits = torch.cat([module(x.to(torch.bfloat16)) for x, _ in loader]).float()
+    labels = torch.cat([y for _, y in loader])
+    assert got["val/loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)), rel=1e-5)
+
+
 def test_evaluation_logs_each_metric_once_per_dataloader_not_once_per_step(monkeypatch):
     calls = []
     original = TransferModule.log
