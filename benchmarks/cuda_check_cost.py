@@ -22,14 +22,13 @@ import timeit
 import warnings
 
 import torch
+from framework_overhead import MODELS, synthetic_loader
 from lightning.pytorch import Callback, Trainer
 
 from lightning_transfer.backbones.timm import TimmBackbone
 from lightning_transfer.cuda_check import NVML_CHECK_VARIABLE
 from lightning_transfer.module import TransferModule
 from lightning_transfer.strategies import LinearProbe
-
-QUICKSTART = {"model_name": "test_vit", "model_kwargs": {"img_size": 8, "patch_size": 2, "in_chans": 1}}
 
 
 def _flag(on: bool) -> None:
@@ -81,15 +80,12 @@ def fit_step_ms(epochs: int, batch: int = 64, batches: int = 90) -> dict[str, fl
     """Median ms per training step of the quickstart LinearProbe fit with the flag set and cleared, and the median
     of the per-pair differences."""
     torch.manual_seed(0)
-    module = TransferModule(TimmBackbone(**QUICKSTART), LinearProbe(), num_classes=10,
+    module = TransferModule(TimmBackbone(**MODELS["quickstart"][0]), LinearProbe(), num_classes=10,
                             optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
-    g = torch.Generator().manual_seed(0)
-    data = torch.utils.data.TensorDataset(torch.randn(batch * batches, 1, 8, 8, generator=g),
-                                          torch.randint(0, 10, (batch * batches,), generator=g))
     timer = _AlternateFlag()
     Trainer(max_epochs=epochs + 1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False, accelerator="cpu", callbacks=[timer]).fit(
-        module, torch.utils.data.DataLoader(data, batch_size=batch))
+        module, synthetic_loader(module.backbone, batch, batches))
     flagged, cleared = zip(*timer.pairs)
     return {"set": statistics.median(flagged), "cleared": statistics.median(cleared),
             "saved": statistics.median(a - b for a, b in timer.pairs), "pairs": len(timer.pairs)}

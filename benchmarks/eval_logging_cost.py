@@ -18,17 +18,16 @@ import time
 import warnings
 
 import torch
+from framework_overhead import MODELS, synthetic_loader
 from lightning.pytorch import Trainer
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from lightning_transfer.backbones.timm import TimmBackbone
 from lightning_transfer.module import TransferModule
 from lightning_transfer.strategies import LinearProbe
 
-MODELS = {  # name: (backbone kwargs, batch size, batches)
-    "quickstart": ({"model_name": "test_vit", "model_kwargs": {"img_size": 8, "patch_size": 2, "in_chans": 1}}, 64, 60),
-    "vit_s16_shaped": ({"model_name": "vit_small_patch16_224", "model_kwargs": {"img_size": 96}}, 16, 12),
-}
+# validation batches of each model; the models and batch sizes are framework_overhead.py's
+BATCHES = {"quickstart": 60, "vit_s16_shaped": 12}
 
 
 def _log_every_step(module: TransferModule, batch, batch_idx, metrics, logits=None):
@@ -57,20 +56,18 @@ def _validate_ms(module: TransferModule, loader: DataLoader, per_step: bool) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=sorted(MODELS), default="quickstart")
+    parser.add_argument("--model", choices=sorted(BATCHES), default="quickstart")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    spec, batch, batches = MODELS[args.model]
+    spec, batch, _ = MODELS[args.model]
+    batches = BATCHES[args.model]
     torch.manual_seed(0)
     module = TransferModule(TimmBackbone(**spec), LinearProbe(), num_classes=10)
-    c, h, w = module.backbone.data_config()["input_size"]
-    g = torch.Generator().manual_seed(0)
-    loader = DataLoader(TensorDataset(torch.randn(batch * batches, c, h, w, generator=g),
-                                      torch.randint(0, 10, (batch * batches,), generator=g)), batch_size=batch)
+    loader = synthetic_loader(module.backbone, batch, batches)
     _validate_ms(module, loader, per_step=False)  # warm-up
     times: dict[bool, list[float]] = {True: [], False: []}
     logged: dict[bool, dict[str, float]] = {}

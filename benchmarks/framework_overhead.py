@@ -47,7 +47,8 @@ MODELS = {
 DEFAULT_MODELS = "quickstart,vit_s16_shaped"
 
 
-def _loader(backbone: TimmBackbone, batch: int, batches: int) -> DataLoader:
+def synthetic_loader(backbone: TimmBackbone, batch: int, batches: int) -> DataLoader:
+    """``batches`` batches of seeded random images of the backbone's input size and labels 0-9, in a fixed order."""
     c, h, w = backbone.data_config()["input_size"]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch * batches, c, h, w, generator=g)
@@ -151,7 +152,7 @@ def measure(model: str, strategy_cls: type, epochs: int, accelerator: str = "cpu
     torch.manual_seed(0)
     module = TransferModule(TimmBackbone(**spec), strategy_cls(), num_classes=10,
                             optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
-    loader = _loader(module.backbone, batch, batches)
+    loader = synthetic_loader(module.backbone, batch, batches)
     timer = (_Interleave if pairing == "step" else _InterleaveEpochs)(loader, _cuda_if(accelerator))
     # the progress bar writes to stdout: to the null device here, so the table stays readable
     with tempfile.TemporaryDirectory() as out, open(os.devnull, "w") as null, contextlib.redirect_stdout(null):

@@ -30,7 +30,9 @@ def skip_nvml_check_without_gpus() -> bool:
     """
     if os.environ.get(NVML_CHECK_VARIABLE) != "1" or not torch.backends.cuda.is_built():
         return False
-    if torch.cuda.device_count() > 0:  # asked through NVML, so this does not initialise CUDA either
+    # asked through NVML where it loads (which does not initialise CUDA); without NVML torch asks the CUDA runtime,
+    # as it would on every check anyway
+    if torch.cuda.device_count() > 0:
         return False
     del os.environ[NVML_CHECK_VARIABLE]
     return True
