@@ -3,7 +3,7 @@
 Three parts, each measured side by side in one run (ratios, never absolute targets):
 
 * ``efficiency``: for FullFinetune, LinearProbe, LoRA (r=8, qv), Adapter (parallel, 64) and BitFit on a randomly
-  initialised ``vit_base_patch16_224`` (only the sizes matter): trainable parameters, checkpoint MB (the file the
+  initialised ``vit_base_patch16_224`` (only the sizes matter): trainable parameters, checkpoint MiB (the file the
   module writes), AdamW state bytes after one step, bytes saved for backward per step (the efficiency callback's
   :class:`SavedTensorsCounter`) and the median training-step time relative to FullFinetune.
 * ``merged``: inference throughput of the LoRA-merged backbone over the plain backbone (interleaved rounds).
@@ -100,7 +100,7 @@ def efficiency(device: str, batch: int, steps: int) -> None:
         times[label] = statistics.median(step_times)
         rows.append((label, module.parameter_counts()["trainable"], ckpt, state, saved))
         del module, optimizer
-    print(f"{'strategy':<16} {'trainable':>12} {'ckpt MB':>9} {'optim MB':>9} {'saved-for-bwd MB':>17} "
+    print(f"{'strategy':<16} {'trainable':>12} {'ckpt MiB':>9} {'optim MiB':>9} {'saved-for-bwd MiB':>17} "
           f"{'step time / full':>17}")
     for label, trainable, ckpt, state, saved in rows:
         print(f"{label:<16} {trainable:>12,} {ckpt / 2**20:>9.2f} {state / 2**20:>9.2f} {saved / 2**20:>17.1f} "

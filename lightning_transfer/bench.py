@@ -8,14 +8,19 @@ The rows are then aggregated into ``results.csv``, ``results.md``, ``results.jso
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
+import warnings
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -30,9 +35,13 @@ COLUMNS = ("strategy", "seeds", "top1_mean", "top1_std", "trainable_params", "tr
 
 # ---- one run ------------------------------------------------------------------------------------------------
 def strategy_config(name: str, config_dir: Path) -> Path:
+    if not config_dir.is_dir():
+        raise SystemExit(f"bench: the strategy config folder {str(config_dir)!r} does not exist (relative paths are "
+                         "from the current folder): run from the repository root or pass --strategy-configs DIR")
     path = config_dir / f"{name}.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"strategy {name!r} has no config {path}: write one (see configs/strategy/)")
+        raise SystemExit(f"bench: strategy {name!r} has no config {path}: write one (see configs/strategy/), or pass "
+                         "--strategy-configs DIR")
     return path
 
 
@@ -82,15 +91,61 @@ def run_args(configs: list[str], overrides: list[str], seed: int, workdir: Path)
                    "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={workdir}"]
 
 
+# a bad key or value raises (ArgumentError, with jsonargparse's message) instead of printing usage and exiting, so the
+# runner can say which strategy's config is wrong, and a worker can record the message in its row
+PARSER_KWARGS = {"parser_mode": "omegaconf", "exit_on_error": False}
+# what may differ between runs of one job without changing its result: where it writes, and the seeds (the row's file
+# name holds the seed; the K-shot draw's seed is set to it)
+_NOT_INPUTS = ("seed_everything", "trainer.default_root_dir", "data.init_args.seed")
+
+
+def dump_config(cli: Any) -> str:
+    """The CLI's resolved config as YAML, None-valued keys included."""
+    with warnings.catch_warnings():  # jsonargparse >= 4.49 renamed skip_none (skip_unset); 4.32 is supported too
+        warnings.filterwarnings("ignore", message=r"(?s).*skip_none")
+        return cli.parser.dump(cli.config, skip_none=False, format="yaml")
+
+
+def resolved_config(configs: list[str], overrides: list[str], seed: int, workdir: Path) -> str:
+    """The config a run of these arguments would resolve to (as its row stores it), parsed without building anything.
+
+    Raises ``ArgumentError`` for a key or value the CLI rejects."""
+    from lightning_transfer.cli import TransferCLI
+
+    class _ParseOnly(TransferCLI):
+        def _set_seed(self) -> None:
+            pass
+
+        def instantiate_classes(self) -> None:
+            pass
+
+    return dump_config(_ParseOnly(args=run_args(configs, overrides, seed, workdir), run=False,
+                                  parser_kwargs=PARSER_KWARGS))
+
+
+def config_changes(stored: str, expected: str) -> list[str]:
+    """``key: stored -> expected`` for every setting that differs between two resolved configs (YAML)."""
+    import yaml
+
+    def flat(value: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(value, dict) and value:
+            return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: value}
+
+    old, new = flat(yaml.safe_load(stored)), flat(yaml.safe_load(expected))
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
+            if key not in _NOT_INPUTS and old.get(key) != new.get(key)]
+
+
 def run_one(configs: list[str], overrides: list[str], seed: int, workdir: Path) -> dict[str, Any]:
     """Fit and test one configuration in this process; return its row (metrics + provenance)."""
     from lightning_transfer.callbacks.efficiency import EfficiencyMonitor
     from lightning_transfer.cli import TransferCLI
 
     args = run_args(configs, overrides, seed, workdir)
-    cli = TransferCLI(args=args, run=False)
+    cli = TransferCLI(args=args, run=False, parser_kwargs=PARSER_KWARGS)
     if getattr(cli.datamodule, "seed", seed) != seed:  # vary the K-shot draw with the seed too
-        cli = TransferCLI(args=[*args, f"--data.init_args.seed={seed}"], run=False)
+        cli = TransferCLI(args=[*args, f"--data.init_args.seed={seed}"], run=False, parser_kwargs=PARSER_KWARGS)
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     fit_seconds = time.perf_counter() - start
@@ -108,13 +163,22 @@ def run_one(configs: list[str], overrides: list[str], seed: int, workdir: Path) 
         "cuda_peak_mb": m.get("memory/cuda_peak_mb"), "train_samples_per_s": m.get("perf/train_samples_per_s"),
         "infer_samples_per_s": _inference_throughput(cli.model, cli.datamodule.test_dataloader(),
                                                      max_batches=_test_batch_budget(cli.trainer)),
-        "fit_seconds": fit_seconds, "config": cli.parser.dump(cli.config, skip_none=False, format="yaml"),
+        "fit_seconds": fit_seconds, "config": dump_config(cli),
     }
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write whole or not at all: a run killed mid-write leaves the previous file (or none), never half of one."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(value, indent=1, default=str))
+    os.replace(partial, path)
 
 
 def _worker(argv: list[str]) -> None:
     spec = json.loads(argv[0])
     row: dict[str, Any] = {"strategy": spec["strategy"], "seed": spec["seed"], **_environment()}
+    if spec.get("kind") == "tta":
+        row["source"] = spec["source"]  # the --ckpt_path given (None: the source model was fitted here)
     try:
         if spec.get("kind") == "tta":
             from lightning_transfer.bench_tta import run_tta
@@ -124,9 +188,9 @@ def _worker(argv: list[str]) -> None:
         else:
             row.update(run_one(spec["configs"], spec["overrides"], spec["seed"], Path(spec["workdir"])))
         row["status"] = "ok"
-    except Exception as err:  # recorded in the row; the other strategies go on
+    except (Exception, SystemExit) as err:  # recorded in the row; the other strategies go on
         row.update(status="error", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
-    Path(spec["row"]).write_text(json.dumps(row, indent=1, default=str))
+    write_json(Path(spec["row"]), row)
 
 
 # ---- the table ----------------------------------------------------------------------------------------------
@@ -138,7 +202,7 @@ def _mean(values: list[Any]) -> float | None:
 def _std(values: list[Any]) -> float | None:
     values = [v for v in values if v is not None]
     if len(values) < 2:
-        return 0.0 if values else None
+        return None  # the spread of one seed is unknown, not zero
     mu = sum(values) / len(values)
     return math.sqrt(sum((v - mu) ** 2 for v in values) / (len(values) - 1))  # sample std over seeds
 
@@ -183,7 +247,8 @@ def write_tables(table: list[dict[str, Any]], out: Path, omit_accuracy: bool = F
     lines = [header, "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_fmt(row[k], k) for k in columns) + " |" for row in table]
     what = "" if omit_accuracy else "top-1 in %, mean and sample std over seeds; "
-    (out / "results.md").write_text(f"{what}memory in MiB, throughput in samples/s\n\n" + "\n".join(lines) + "\n")
+    (out / "results.md").write_text(f"{what}memory and checkpoint size in MiB (2^20 bytes; the _mb columns), "
+                                    "throughput in samples/s\n\n" + "\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(table, indent=1))
 
 
@@ -231,6 +296,13 @@ def log_wandb_table(table: list[dict[str, Any]], out: Path) -> str | None:
 
 
 # ---- command line ---------------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: at least 1 seed is needed")
+    return value
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m lightning_transfer bench", description=__doc__.splitlines()[0])
     p.add_argument("--config", action="append", required=True, help="base config(s), composed in order")
@@ -238,7 +310,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--test-time", help="comma-separated test-time methods (e.g. bn_adapt,tent,cafa) or 'all': "
                    "error per test set of the source model without and with each method")
     p.add_argument("--ckpt_path", help="with --test-time: the source checkpoint (default: fit the base config)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 1..N (trainer seed and K-shot draw)")
+    p.add_argument("--seeds", type=_positive_int, default=3, help="seeds 1..N (trainer seed and K-shot draw)")
     p.add_argument("--output", required=True, help="result folder; rerunning with it skips finished rows")
     p.add_argument("--strategy-configs", default="configs/strategy", help="folder of <name>.yaml strategy configs")
     p.add_argument("--test-time-configs", default="configs/test_time", help="folder of <name>.yaml method configs")
@@ -249,39 +321,155 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _names(text: str | None, flag: str, all_names: list[str]) -> list[str]:
+    """A comma-separated list (or 'all'), stripped; a name listed twice is an error rather than a row counted twice."""
+    if not text:
+        return []
+    names = all_names if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise SystemExit(f"bench: {flag} lists {', '.join(map(repr, twice))} more than once: list each once")
+    return names
+
+
+def _expected_configs(specs: list[dict[str, Any]]) -> None:
+    """Resolve each job's config before anything runs (one parse per distinct job), into ``spec["expected"]``.
+
+    A key or value the CLI rejects stops the runner here, naming the job, rather than failing in every worker."""
+    from jsonargparse import ArgumentError
+
+    parsed: dict[str, str] = {}
+    for spec in specs:
+        key = json.dumps([spec["configs"], spec["overrides"]])
+        if key not in parsed:
+            try:
+                parsed[key] = resolved_config(spec["configs"], spec["overrides"], spec["seed"], Path(spec["workdir"]))
+            except ArgumentError as err:
+                raise SystemExit(f"bench: the config of {spec['strategy']!r} ({' + '.join(spec['configs'])}, "
+                                 f"overrides {spec['overrides']}) does not parse: {err}. Nothing has run.") from None
+        spec["expected"] = parsed[key]
+
+
+def _finished_rows(specs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The rows of earlier runs of these jobs that finished, by row path, after checking they are runs of these jobs.
+
+    A finished row whose config or source checkpoint differs from what this command would run stops the runner
+    before anything runs: reusing it would put another experiment's numbers in this table, and rerunning it would
+    overwrite a result. A row that cannot be read (a run killed mid-write, by an older version) is set aside."""
+    finished, stale = {}, []
+    for spec in specs:
+        path = Path(spec["row"])
+        if not path.is_file():
+            continue
+        try:
+            row = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            kept = path.with_name(path.name + ".unreadable")
+            os.replace(path, kept)
+            print(f"bench: {path} could not be read ({err}); moved to {kept.name}, the run is done again", flush=True)
+            continue
+        if row.get("status") != "ok":
+            continue  # failed before: run again
+        changes = config_changes(row.get("config") or "{}", spec["expected"])
+        if spec.get("kind") == "tta" and row.get("source", spec["source"]) != spec["source"]:
+            changes.append(f"--ckpt_path: {row.get('source') or 'none'} -> {spec['source'] or 'none'}")
+        if changes:
+            stale.append(f"  {path.name}: {'; '.join(changes[:4])}" + (" ..." if len(changes) > 4 else ""))
+        finished[str(path)] = row
+    if stale:
+        raise SystemExit("bench: the output folder holds finished runs of these jobs with other settings; nothing has "
+                         "run, nothing is overwritten:\n" + "\n".join(stale) + "\nUse a new --output, or move those "
+                         "row files out of rows/ to run them again with these settings.")
+    return finished
+
+
+@contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """SIGTERM and SIGHUP end the runner with SystemExit, so the ``finally`` that stops the current worker runs (a
+    worker left behind would go on training and write its row into a folder a rerun is using)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _worker_command(spec: dict[str, Any]) -> list[str]:
+    worker_spec = {k: v for k, v in spec.items() if k != "expected"}
+    return [sys.executable, "-m", "lightning_transfer", "bench", "--worker", json.dumps(worker_spec)]
+
+
+def _run_worker(spec: dict[str, Any]) -> int:
+    proc = subprocess.Popen(_worker_command(spec), env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    try:
+        return proc.wait()
+    finally:
+        if proc.poll() is None:  # the runner is stopping (Ctrl-C, SIGTERM): stop the worker with it
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 def run_jobs(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Run each job in a subprocess unless its row finished before; a job that dies leaves an error row."""
+    _expected_configs(specs)
+    finished = _finished_rows(specs)
     rows = []
-    for spec in specs:
-        row_path, label = Path(spec["row"]), f"{spec['strategy']} seed {spec['seed']}"
-        if not row_path.is_file() or json.loads(row_path.read_text()).get("status") != "ok":
+    with _terminate_as_exit():
+        for spec in specs:
+            row_path, label = Path(spec["row"]), f"{spec['strategy']} seed {spec['seed']}"
+            if str(row_path) in finished:
+                print(f"bench: {label} done before, skipped", flush=True)
+                rows.append(finished[str(row_path)])
+                continue
             print(f"bench: {label} ...", flush=True)
-            proc = subprocess.run([sys.executable, "-m", "lightning_transfer", "bench", "--worker", json.dumps(spec)],
-                                  env={**os.environ, "PYTHONWARNINGS": "ignore"})
-            if not row_path.is_file():  # the worker died before writing (killed, out of memory)
-                row_path.write_text(json.dumps({"strategy": spec["strategy"], "seed": spec["seed"], "status": "error",
-                                                "error": f"worker exited with code {proc.returncode}"}))
-        else:
-            print(f"bench: {label} done before, skipped", flush=True)
-        rows.append(json.loads(row_path.read_text()))
+            row_path.unlink(missing_ok=True)  # the error row of an earlier try: this try writes its own
+            code = _run_worker(spec)
+            if not row_path.is_file():  # the worker died before writing its row (killed, out of memory)
+                write_json(row_path, {"strategy": spec["strategy"], "seed": spec["seed"], "status": "error",
+                                      "error": f"worker exited with code {code} before recording a result"})
+            rows.append(json.loads(row_path.read_text()))
     return rows
 
 
-def _bench_test_time(args: argparse.Namespace, out: Path) -> None:
-    from lightning_transfer import bench_tta
-    from lightning_transfer.registry import TEST_TIME
+def _failures(rows: list[dict[str, Any]]) -> str | None:
+    failed = [f"{r['strategy']} seed {r['seed']}" for r in rows if r.get("status") != "ok"]
+    return f"bench: {len(failed)} of {len(rows)} runs failed ({', '.join(failed)}); their errors are in the table's " \
+           "error column and in rows/" if failed else None
 
-    names = TEST_TIME.names() if args.test_time == "all" else [s.strip() for s in args.test_time.split(",") if s]
-    bench_tta.check_methods(names)
-    if args.ckpt_path and not Path(args.ckpt_path).is_file():
-        raise SystemExit(f"bench: --ckpt_path {args.ckpt_path!r} does not exist")
+
+def _note_other_rows(out: Path, specs: list[dict[str, Any]]) -> None:
+    others = sorted({p.name for p in (out / "rows").glob("*.json") if not p.name.startswith("tta_")}
+                    - {Path(s["row"]).name for s in specs})
+    if others:
+        print(f"bench: rows/ also holds rows this command did not ask for ({', '.join(others[:6])}"
+              f"{' ...' if len(others) > 6 else ''}); they are kept, and left out of this table", flush=True)
+
+
+def _bench_test_time(args: argparse.Namespace, out: Path, names: list[str]) -> str | None:
+    from lightning_transfer import bench_tta
+
     specs = bench_tta.jobs(names, args.seeds, args.config, Path(args.test_time_configs), out, args.overrides,
                            args.ckpt_path)
+    (out / "rows").mkdir(parents=True, exist_ok=True)
     methods = list(dict.fromkeys(spec["strategy"] for spec in specs))
-    table, sets = bench_tta.aggregate_tta(run_jobs(specs), methods)
+    rows = run_jobs(specs)
+    table, sets = bench_tta.aggregate_tta(rows, methods)
     bench_tta.write_tta_tables(table, sets, out)
     print((out / "results_tta.md").read_text())
     print(f"wrote {out / 'results_tta.csv'}, {out / 'results_tta.md'}")
+    return _failures(rows)
 
 
 def main(argv: list[str]) -> None:
@@ -294,30 +482,47 @@ def main(argv: list[str]) -> None:
     for config in args.config:
         if not Path(config).is_file():
             raise SystemExit(f"bench: config {config!r} does not exist")
-    names = [] if not args.strategies else (
-        STRATEGIES.names() if args.strategies == "all" else [s.strip() for s in args.strategies.split(",") if s])
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"bench: --output {str(out)!r} is a file, not a folder: pass a folder (new or earlier output)")
+    names = _names(args.strategies, "--strategies", STRATEGIES.names())
     unknown = [n for n in names if n not in STRATEGIES]
     if unknown:
         raise SystemExit(f"bench: {STRATEGIES.unknown_message(unknown[0])}")
     strategy_dir = Path(args.strategy_configs)
     for name in names:
         strategy_config(name, strategy_dir)  # a missing YAML fails before anything runs
-    out = Path(args.output)
-    (out / "rows").mkdir(parents=True, exist_ok=True)
+    methods: list[str] = []
     if args.test_time:
-        _bench_test_time(args, out)
-    if not names:
-        return
-    specs = [{"strategy": name, "seed": seed, "configs": [*args.config, str(strategy_config(name, strategy_dir))],
-              "overrides": args.overrides, "workdir": str(out / "runs" / f"{name}_seed{seed}"),
-              "row": str(out / "rows" / f"{name}_seed{seed}.json")}
-             for name in names for seed in range(1, args.seeds + 1)]
-    table = aggregate(run_jobs(specs), names)
-    write_tables(table, out, omit_accuracy=args.omit_accuracy)
-    plotted = not args.omit_accuracy and plot_pareto(table, out / "pareto.png")
-    print((out / "results.md").read_text())
-    print(f"wrote {out / 'results.csv'}, {out / 'results.md'}" + (f", {out / 'pareto.png'}" if plotted else ""))
-    if not args.no_wandb:
-        run_dir = log_wandb_table(table, out)
-        if run_dir:
-            print(f"W&B table: {run_dir}")
+        from lightning_transfer import bench_tta
+        from lightning_transfer.registry import TEST_TIME
+
+        methods = _names(args.test_time, "--test-time", TEST_TIME.names())
+        bench_tta.check_methods(methods, Path(args.test_time_configs))
+        if args.ckpt_path and not Path(args.ckpt_path).is_file():
+            raise SystemExit(f"bench: --ckpt_path {args.ckpt_path!r} does not exist")
+    failures = [_bench_test_time(args, out, methods)] if methods else []
+    if names:
+        specs = [{"strategy": name, "seed": seed, "configs": [*args.config, str(strategy_config(name, strategy_dir))],
+                  "overrides": args.overrides, "workdir": str(out / "runs" / f"{name}_seed{seed}"),
+                  "row": str(out / "rows" / f"{name}_seed{seed}.json")}
+                 for name in names for seed in range(1, args.seeds + 1)]
+        (out / "rows").mkdir(parents=True, exist_ok=True)
+        rows = run_jobs(specs)
+        failures.append(_failures(rows))
+        _note_other_rows(out, specs)
+        table = aggregate(rows, names)
+        write_tables(table, out, omit_accuracy=args.omit_accuracy)
+        plotted = not args.omit_accuracy and plot_pareto(table, out / "pareto.png")
+        if not plotted and (out / "pareto.png").is_file():  # drawn from earlier rows: it would contradict the table
+            (out / "pareto.png").unlink()
+            print(f"bench: removed {out / 'pareto.png'}: no strategy in this table has an accuracy to plot")
+        print((out / "results.md").read_text())
+        print(f"wrote {out / 'results.csv'}, {out / 'results.md'}" + (f", {out / 'pareto.png'}" if plotted else ""))
+        if not args.no_wandb:
+            run_dir = log_wandb_table(table, out)
+            if run_dir:
+                print(f"W&B table: {run_dir}")
+    failed = [f for f in failures if f]
+    if failed:
+        raise SystemExit("\n".join(failed))

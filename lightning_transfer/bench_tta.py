@@ -22,14 +22,20 @@ SOURCE = "source"
 def test_time_config(name: str, config_dir: Path) -> Path:
     path = config_dir / f"{name}.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"test-time method {name!r} has no config {path}: write one (see configs/test_time/)")
+        where = "" if config_dir.is_dir() else " (that folder does not exist; relative paths are from the current one)"
+        raise SystemExit(f"bench: test-time method {name!r} has no config {path}{where}: write one (see "
+                         "configs/test_time/), or pass --test-time-configs DIR")
     return path
 
 
-def check_methods(names: list[str]) -> None:
+def check_methods(names: list[str], config_dir: Path) -> None:
+    """Before anything runs or is written: every method is registered and has its config."""
     unknown = [n for n in names if n != SOURCE and n not in TEST_TIME]
     if unknown:
         raise SystemExit(f"bench: {TEST_TIME.unknown_message(unknown[0])}")
+    for name in names:
+        if name != SOURCE:
+            test_time_config(name, config_dir)
 
 
 def _accuracy_key(index: int, count: int) -> str:
@@ -39,10 +45,10 @@ def _accuracy_key(index: int, count: int) -> str:
 def run_tta(configs: list[str], overrides: list[str], seed: int, workdir: Path, ckpt: str | None,
             fit: bool) -> dict[str, Any]:
     """Test one method (its config is the last of ``configs``) on every test dataloader; fit first if ``fit``."""
-    from lightning_transfer.bench import run_args
+    from lightning_transfer.bench import PARSER_KWARGS, dump_config, run_args
     from lightning_transfer.cli import TransferCLI
 
-    cli = TransferCLI(args=run_args(configs, overrides, seed, workdir), run=False)
+    cli = TransferCLI(args=run_args(configs, overrides, seed, workdir), run=False, parser_kwargs=PARSER_KWARGS)
     row: dict[str, Any] = {}
     if fit:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -56,7 +62,7 @@ def run_tta(configs: list[str], overrides: list[str], seed: int, workdir: Path, 
     errors = {name: 1.0 - float(r[_accuracy_key(i, len(results))]) for i, (name, r) in
               enumerate(zip(names, results))}
     row.update(errors=errors, mean_error=sum(errors.values()) / len(errors),
-               config=cli.parser.dump(cli.config, skip_none=False, format="yaml"))
+               config=dump_config(cli))
     return row
 
 
@@ -102,6 +108,14 @@ def write_tta_tables(table: list[dict[str, Any]], sets: list[str], out: Path) ->
     (out / "results_tta.json").write_text(json.dumps(table, indent=1))
 
 
+def checkpoint_identity(path: str | None) -> str | None:
+    """A given source checkpoint as rows record it: its path, size and time, so a rerun notices another file."""
+    if path is None:
+        return None
+    stat = Path(path).stat()
+    return f"{path} ({stat.st_size} bytes, modified {stat.st_mtime_ns})"
+
+
 def jobs(methods: list[str], seeds: int, base: list[str], config_dir: Path, out: Path,
          overrides: list[str], ckpt: str | None) -> list[dict[str, Any]]:
     """The job specs in order: per seed, the source run (which fits when there is no checkpoint) before the methods."""
@@ -115,5 +129,6 @@ def jobs(methods: list[str], seeds: int, base: list[str], config_dir: Path, out:
                           "overrides": overrides, "workdir": str(out / "runs" / f"{method}_seed{seed}"),
                           "row": str(out / "rows" / f"tta_{method}_seed{seed}.json"),
                           "ckpt": source_ckpt if (ckpt or method != SOURCE) else None,
+                          "source": checkpoint_identity(ckpt),
                           "fit": ckpt is None and method == SOURCE})
     return specs

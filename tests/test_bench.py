@@ -41,20 +41,89 @@ def test_bench_runs_records_errors_and_resumes(tmp_path, capsys):
     argv = ["--config", str(REPO / "configs/quickstart.yaml"), "--strategies", "linear_probe,partial_freeze",
             "--seeds", "1", "--output", str(out), "--strategy-configs", str(strategy_dir), "--no-wandb", "--",
             "--trainer.max_epochs=2", "--trainer.limit_val_batches=1"]
-    main(argv)
+    with pytest.raises(SystemExit, match=r"1 of 2 runs failed \(partial_freeze seed 1\)"):  # a failure exits non-zero
+        main(argv)
     with open(out / "results.csv") as f:
         table = {r["strategy"]: r for r in csv.DictReader(f)}
     assert table["linear_probe"]["seeds"] == "1" and 0 <= float(table["linear_probe"]["top1_mean"]) <= 1
+    assert table["linear_probe"]["top1_std"] == ""  # one seed has no spread to report
     assert float(table["linear_probe"]["trainable_params"]) == 64 * 5 + 5
     assert float(table["linear_probe"]["checkpoint_mb"]) < 0.1
     assert "num_frozen_blocks=99 is out of range" in table["partial_freeze"]["error"]
-    row = json.loads((out / "rows" / "linear_probe_seed1.json").read_text())
+    row_path = out / "rows" / "linear_probe_seed1.json"
+    row = json.loads(row_path.read_text())
     assert row["versions"]["torch"] and "LinearProbe" in row["config"] and "git_commit" in row
     assert (out / "pareto.png").stat().st_size > 0 and "| linear_probe |" in (out / "results.md").read_text()
     capsys.readouterr()
-    argv[argv.index("linear_probe,partial_freeze")] = "linear_probe"
-    main(argv)  # rerun with the same output: the finished row is skipped (a failed one would be tried again)
+    only_probe = [*argv[:3], "linear_probe", *argv[4:]]
+    main(only_probe)  # rerun with the same output: the finished row is skipped (a failed one would be tried again)
     assert "linear_probe seed 1 done before, skipped" in capsys.readouterr().out
+
+    # nothing runs, and no row changes, when the settings are not those of the finished rows or do not parse
+    saved = row_path.read_bytes()
+    with pytest.raises(SystemExit, match=r"other settings(.|\n)*linear_probe_seed1.json: trainer.max_epochs: 2 -> 3"):
+        main([*only_probe[:-2], "--trainer.max_epochs=3", only_probe[-1]])
+    with pytest.raises(SystemExit, match="'linear_probe'.*does not parse.*max_epoches"):
+        main([*only_probe, "--trainer.max_epoches=3"])
+    with pytest.raises(SystemExit, match="lists 'linear_probe' more than once"):
+        main([*argv[:3], "linear_probe, linear_probe", *argv[4:]])
+    assert row_path.read_bytes() == saved and "bench: linear_probe seed 1 ..." not in capsys.readouterr().out
+
+    # a table with no accuracy to plot removes the plot drawn from earlier rows; the other rows are kept and named
+    with pytest.raises(SystemExit, match="1 of 1 runs failed"):
+        main([*argv[:3], "partial_freeze", *argv[4:]])
+    assert not (out / "pareto.png").exists() and row_path.read_bytes() == saved
+    assert "rows/ also holds rows this command did not ask for (linear_probe_seed1.json)" in capsys.readouterr().out
+
+    # a row cut short (a run killed while writing it, before writes were atomic) is set aside and the run done again
+    row_path.write_text(saved.decode()[:100])
+    main(only_probe)
+    assert (out / "rows" / "linear_probe_seed1.json.unreadable").read_text() == saved.decode()[:100]
+    assert json.loads(row_path.read_text())["status"] == "ok"
+
+
+def test_bench_rejects_bad_arguments_before_running(tmp_path, capsys):
+    base = ["--config", str(REPO / "configs/quickstart.yaml"), "--strategies", "linear_probe", "--no-wandb"]
+    with pytest.raises(SystemExit):
+        main([*base, "--seeds", "0", "--output", str(tmp_path / "out")])
+    assert "--seeds: 0: at least 1 seed is needed" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("kept")
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        main([*base, "--output", str(tmp_path / "a_file")])
+    with pytest.raises(SystemExit, match="strategy config folder 'nowhere' does not exist.*--strategy-configs"):
+        main([*base, "--output", str(tmp_path / "out"), "--strategy-configs", "nowhere"])
+    assert (tmp_path / "a_file").read_text() == "kept" and not (tmp_path / "out").exists()
+
+
+def test_a_stopped_runner_stops_its_worker(monkeypatch):
+    """SIGTERM to the runner (a scheduler's kill) ends the worker too, rather than leaving it training."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    from lightning_transfer import bench
+
+    started: list[subprocess.Popen] = []
+
+    class Recorded(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    monkeypatch.setattr(bench, "_worker_command", lambda spec: [sys.executable, "-c", "import time; time.sleep(60)"])
+    monkeypatch.setattr(bench.subprocess, "Popen", Recorded)
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        with pytest.raises(SystemExit) as stopped, bench._terminate_as_exit():
+            bench._run_worker({})
+    finally:
+        timer.cancel()
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert started and started[0].poll() is not None  # the worker was stopped, not left running
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the runner's handler is gone again
 
 
 TTA_BASE = """\
@@ -98,6 +167,11 @@ def test_bench_test_time_methods_error_per_corruption(tmp_path, capsys):
     capsys.readouterr()
     main(argv)
     assert "tent seed 1 done before, skipped" in capsys.readouterr().out
+    # the same output with a given source checkpoint: the finished rows are of another source model
+    with pytest.raises(SystemExit, match=r"tta_source_seed1.json: --ckpt_path: none -> .*source.ckpt \(\d+ bytes"):
+        main([*argv, "--ckpt_path", source["source_checkpoint"]])
+    with pytest.raises(SystemExit, match="lists 'tent' more than once"):
+        main([*argv[:3], "tent,bn_adapt,tent", *argv[4:]])
 
 
 def test_tables_can_omit_accuracy_for_random_weight_runs(tmp_path):
