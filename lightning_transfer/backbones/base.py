@@ -252,6 +252,36 @@ def attend_to_tokens(q: Tensor, tokens: Tensor, keys_values: KeysValues, scale: 
     return out
 
 
+def per_channel_stats(cfg: dict[str, Any], given: dict[str, Any], owner: str,
+                      model_channels: int | None = None) -> dict[str, Any]:
+    """Make ``cfg``'s ``mean`` and ``std`` tuples of one value per input channel (``input_size[0]``).
+
+    One value stands for every channel (the gray statistics of data whose gray images are repeated over a colour
+    model's channels, as the digit datamodules do). The model's own statistics of another length are averaged
+    (ImageNet's 3 values on a 1-channel model). Any other count in ``given`` (the user's ``data_config``), or an
+    ``input_size`` whose channels differ from ``model_channels``, is an error naming ``owner``: backbones call this
+    when they are built, so the mistake is not found deep inside a datamodule's ``setup`` or the first forward.
+    """
+    cfg["input_size"] = tuple(cfg["input_size"])
+    channels = cfg["input_size"][0]
+    if model_channels is not None and channels != model_channels:
+        raise ValueError(
+            f"data_config input_size {cfg['input_size']} has {channels} channels but {owner} takes "
+            f"{model_channels}-channel input: give input_size ({model_channels}, H, W) or drop it from data_config"
+        )
+    for key in ("mean", "std"):
+        value = tuple(cfg[key]) if isinstance(cfg[key], (list, tuple)) else (cfg[key],)  # YAML `mean: 0.5`
+        if len(value) != channels:
+            if key in given and len(value) != 1:
+                raise ValueError(
+                    f"data_config {key} has {len(value)} values but {owner} takes {channels}-channel input: give "
+                    f"{channels} values (or one for every channel) or drop {key} from data_config"
+                )
+            value = (sum(value) / len(value),) * channels
+        cfg[key] = value
+    return cfg
+
+
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Load a weights file safely: safetensors, or a torch file with ``weights_only=True`` (never unpickles code).
 
@@ -263,7 +293,14 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state: Any = load_file(str(path))
+        try:
+            state: Any = load_file(str(path))
+        except Exception as err:  # SafetensorError names neither the file nor the cause (a cut-off download)
+            raise ValueError(
+                f"cannot read {str(path)!r} as a safetensors file: {err}. The file is truncated (an interrupted "
+                "download or copy) or not a safetensors file: download or export it again, or pass a torch state "
+                "dict with another suffix"
+            ) from err
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_transfer.backbones.base import Backbone, load_into, read_state_dict
+from lightning_transfer.backbones.base import Backbone, load_into, per_channel_stats, read_state_dict
 from lightning_transfer.registry import register_backbone
 
 #: depth -> blocks per stage (depth = 6n + 2)
@@ -62,14 +62,23 @@ def _read_weights(path: str | Path) -> dict[str, Tensor]:
     if path.suffix == ".npz":
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint_path {str(path)!r} does not exist: pass the path of a weights file")
-        with np.load(path, allow_pickle=False) as arrays:
-            state = {k: torch.from_numpy(np.array(arrays[k])) for k in arrays.files}
+        try:
+            with np.load(path, allow_pickle=False) as arrays:
+                state = {k: torch.from_numpy(np.array(arrays[k])) for k in arrays.files}
+        except Exception as err:  # numpy's BadZipFile / EOFError name neither the file nor the cause
+            raise ValueError(
+                f"cannot read {str(path)!r} as a .npz of numpy arrays: {err}. The file is truncated (an interrupted "
+                "download or copy), not an .npz, or holds object arrays (never unpickled): write it again with "
+                "np.savez(out, **{k: v.numpy() for k, v in state_dict.items()})"
+            ) from err
         if state and all(k.startswith("module.") for k in state):
             state = {k[len("module."):]: v for k, v in state.items()}
         return state
     try:
         return read_state_dict(path)
     except ValueError as err:
+        if path.suffix == ".safetensors":  # the legacy-pickle advice below is about .th files only
+            raise
         raise ValueError(
             f"{err}. Legacy (pre-1.6) CIFAR ResNet .th files are pickles that weights_only=True may refuse: convert "
             "the state dict to a .npz of numpy arrays (np.savez(out, **{k: v.numpy() for k, v in sd.items()})) in a "
@@ -91,7 +100,8 @@ class CIFARResNet(Backbone):
         checkpoint_path: a local weights file with the common CIFAR ResNet parameter names: a ``.npz`` of numpy
             arrays, a safetensors file, or a torch file readable with ``weights_only=True``; a DataParallel
             ``module.`` prefix is removed; ``num_batches_tracked`` may be absent.
-        data_config: overrides for the preprocessing config (default 3x32x32, ImageNet mean/std).
+        data_config: overrides for the preprocessing config (default 3x32x32, ImageNet mean/std); one ``mean`` /
+            ``std`` value stands for all 3 channels, another count is an error.
     """
 
     has_tokens = False
@@ -118,6 +128,7 @@ class CIFARResNet(Backbone):
         self.linear = nn.Linear(64, num_classes)
         self.embed_dim = self.num_features = 64
         self._data_config_overrides = dict(data_config or {})
+        self.data_config()  # a data_config that cannot fit conv1 fails here, not in the datamodule's setup
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
@@ -152,9 +163,8 @@ class CIFARResNet(Backbone):
         cfg: dict[str, Any] = {"input_size": (3, 32, 32), "mean": _MEAN, "std": _STD,
                                "interpolation": "bilinear", "crop_pct": 1.0}
         cfg.update(self._data_config_overrides)
-        cfg["input_size"] = tuple(cfg["input_size"])
-        cfg["mean"], cfg["std"] = tuple(cfg["mean"]), tuple(cfg["std"])
-        return cfg
+        # one mean/std value (e.g. the quickstart's gray digit statistics) is used for all 3 channels, as timm does
+        return per_channel_stats(cfg, self._data_config_overrides, type(self).__name__, self.conv1.in_channels)
 
     def identity(self) -> str:
         return f"{self.name} ({self.checkpoint_path or 'random init'})"

@@ -301,6 +301,7 @@ class CLIPResNetBackbone(CLIPTextTower, Backbone):
         self.embed_dim = self.num_features = arch.embed_dim
         self.num_prefix_tokens = 0
         self._data_config_overrides = {**overrides, **(data_config or {})}
+        self.data_config()  # a data_config that cannot fit the image tower fails here, not in the datamodule's setup
         self._init_text_tower(tok, arch.embed_dim)
         for state, source in weights:
             self._load(state, source)

@@ -35,6 +35,7 @@ from lightning_transfer.backbones.base import (
     capture_outputs,
     load_into,
     merge_heads,
+    per_channel_stats,
     query_key_mask,
     read_state_dict,
     split_heads,
@@ -70,10 +71,7 @@ def clip_data_config(image_size: int, overrides: dict[str, Any]) -> dict[str, An
     cfg: dict[str, Any] = {"input_size": (3, image_size, image_size), "mean": CLIP_MEAN, "std": CLIP_STD,
                            "interpolation": "bicubic", "crop_pct": 1.0}
     cfg.update(overrides)
-    cfg["input_size"] = tuple(cfg["input_size"])
-    for key in ("mean", "std"):
-        cfg[key] = tuple(cfg[key])
-    return cfg
+    return per_channel_stats(cfg, overrides, "CLIP's image tower", model_channels=3)  # RGB only
 
 
 class CLIPTextTower:
@@ -211,6 +209,7 @@ class HFCLIPBackbone(CLIPTextTower, Backbone):
         self.num_features = model_config.vision_config.hidden_size
         self.num_prefix_tokens = 1
         self._data_config_overrides = dict(data_config or {})
+        self.data_config()  # a data_config that cannot fit the image tower fails here, not in the datamodule's setup
         self._init_text_tower(load_tokenizer(tok_source), model_config.projection_dim)
         if checkpoint_path is not None:
             load_into(self.model, read_state_dict(checkpoint_path), checkpoint_path)

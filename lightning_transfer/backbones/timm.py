@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from collections.abc import Sequence
 from typing import Any
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_transfer.backbones.base import Backbone, load_into, read_state_dict
+from lightning_transfer.backbones.base import Backbone, load_into, per_channel_stats, read_state_dict
 from lightning_transfer.registry import register_backbone
 
 
@@ -102,7 +103,9 @@ class TimmBackbone(Backbone):
     ) -> None:
         super().__init__()
         if not timm.is_model(model_name):  # accepts pretrained tags (name.tag); no scan of the model list
-            close = timm.list_models(f"*{model_name.split('.')[0][:8]}*")[:8]
+            # closest first over the whole list (a prefix filter cut alphabetically missed vit_tiny_patch16_224 for
+            # vit_tiny_patch16_22); this only runs on the error path, so scanning the ~1,300 names costs nothing
+            close = difflib.get_close_matches(model_name.split(".")[0], timm.list_models(), n=8, cutoff=0.5)
             raise ValueError(f"unknown timm model_name {model_name!r}; similar names: {close or 'none'}")
         self.model: Any = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **(model_kwargs or {}))
         self.family = _family(self.model)
@@ -123,6 +126,7 @@ class TimmBackbone(Backbone):
         else:
             self.embed_dim = self.num_features
             self.num_prefix_tokens = 0
+        self.data_config()  # a data_config that cannot fit the model fails here, not in the datamodule's setup
         if checkpoint_path is not None:
             classifier = self.model.pretrained_cfg.get("classifier") or "head"
             prefixes = [classifier] if isinstance(classifier, str) else list(classifier)
@@ -230,14 +234,8 @@ class TimmBackbone(Backbone):
             h, w = self.model.patch_embed.img_size
             cfg["input_size"] = (self.model.patch_embed.proj.in_channels, h, w)
         cfg.update(self._data_config_overrides)
-        cfg["input_size"] = tuple(cfg["input_size"])
-        channels = cfg["input_size"][0]
-        for key in ("mean", "std"):
-            value = tuple(cfg[key])
-            if len(value) != channels:  # e.g. a 1-channel model with ImageNet's 3-channel statistics
-                value = (sum(value) / len(value),) * channels
-            cfg[key] = value
-        return cfg
+        # e.g. a 1-channel model with ImageNet's 3-channel statistics: averaged; a wrong count given is an error
+        return per_channel_stats(cfg, self._data_config_overrides, f"timm:{self.name}")
 
     def export_state_dict(self) -> dict[str, Tensor]:
         return self.model.state_dict()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -74,6 +75,20 @@ def cached_split(path: Path, make: Any) -> dict[str, list]:
     return splits
 
 
+def check_count(name: str, value: Any, minimum: int, fix: str, none_means: str = "") -> None:
+    """Raise a ValueError naming ``name``, ``value`` and ``fix`` unless ``value`` is an integer >= ``minimum``.
+
+    ``none_means`` (e.g. "all images") allows ``None`` with that meaning. Datamodules check their counts when they
+    are built: otherwise a bad batch size only fails in torch's DataLoader after the fit has started, and a
+    ``num_shots`` of 0 read as "unset" by an ``if num_shots:`` trains on all the data without a word.
+    """
+    if value is None and none_means:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        allowed = f">= {minimum} or null ({none_means})" if none_means else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {allowed}, got {value!r}: {fix}")
+
+
 class TransferDataModule(LightningDataModule):
     """Base class of the datamodules.
 
@@ -82,7 +97,8 @@ class TransferDataModule(LightningDataModule):
             ``~/.cache/lightning_transfer``.
         batch_size: batch size of every loader.
         num_workers: DataLoader workers.
-        num_shots: K-shot training set (K images per class, drawn with ``seed``); ``None`` uses all training data.
+        num_shots: K-shot training set (K >= 1 images per class, drawn with ``seed``); ``None`` uses all training
+            data (0 is an error, not "all").
         seed: seed of the K-shot draw.
         data_config: preprocessing config (``input_size``, ``mean``, ``std``, ...); by default taken from the
             model's backbone when the Trainer starts.
@@ -98,10 +114,15 @@ class TransferDataModule(LightningDataModule):
         data_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        check_count("batch_size", batch_size, 1, "set data.init_args.batch_size to the images per batch, e.g. 32")
+        check_count("num_workers", num_workers, 0,
+                    "set data.init_args.num_workers to 0 (load in the main process) or the number of worker processes")
+        check_count("num_shots", num_shots, 1, "set data.init_args.num_shots to the training images per class, or "
+                    "leave it null for the whole training set", none_means="all images")
         self.data_dir = Path(data_dir or default_data_dir()).expanduser()
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.num_shots = num_shots
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.num_shots = None if num_shots is None else int(num_shots)
         self.seed = seed
         self._data_config = dict(data_config) if data_config else None
         self.datasets: dict[str, Dataset] = {}

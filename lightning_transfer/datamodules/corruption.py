@@ -386,7 +386,7 @@ class NpzImages(TransferDataModule):
         test_file: npz with the clean test images; ``None`` with ``corrupted_dir`` (e.g. CIFAR-100-C, whose release
             has no clean images): the number of images and classes come from its ``labels.npy``.
         corruptions: CIFAR-10-C corruption names (``["all"]`` for the 15); ``None`` tests on clean images.
-        severities: severities 1-5 to test each corruption at.
+        severities: severities 1-5 to test each corruption at (``None``: ``[5]``).
         corruption_seed: seed of the on-the-fly corruptions.
         corrupted_dir: folder of the official ``<corruption>.npy`` + ``labels.npy`` files to use instead.
         val_fraction: fraction of each training class held out for validation.
@@ -413,7 +413,10 @@ class NpzImages(TransferDataModule):
     ) -> None:
         super().__init__(data_dir, batch_size, num_workers, num_shots, seed, data_config)
         names = list(CORRUPTIONS) if corruptions == ["all"] else list(corruptions or [])
-        self.severities = list(severities or [5])
+        self.severities = [5] if severities is None else list(severities)  # [] is an error, not the default
+        if not self.severities:
+            raise ValueError("severities is empty: list the severities 1-5 to test each corruption at, e.g. [5], or "
+                             "leave it null for [5]")
         for name in names:
             for severity in self.severities:
                 check_corruption(name, severity)
@@ -482,7 +485,7 @@ class NpzImages(TransferDataModule):
         if self.train_file is not None and "train" not in self.datasets:
             tx, ty = self._read(self.train_file)
             rest, held = stratified_split(ty.tolist(), self.val_fraction, seed=self.seed)
-            if self.num_shots:
+            if self.num_shots is not None:
                 rest = [rest[i] for i in fewshot_indices(ty[rest].tolist(), self.num_shots, self.seed)]
             images = uint8_images_to_tensor(tx, cfg)
             labels = torch.as_tensor(ty)

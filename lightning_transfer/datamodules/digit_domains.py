@@ -206,7 +206,7 @@ class DigitDomains(TransferDataModule):
                   for part, (name, split) in self._parts().items()}
         (train_x, train_y, train_fmt), (test_x, test_y, test_fmt) = loaded["train"], loaded["test"]
         rest, held = stratified_split(train_y, self.val_fraction, seed=0)
-        if self.num_shots:
+        if self.num_shots is not None:
             rest = [rest[i] for i in fewshot_indices(train_y[rest], self.num_shots, self.seed)]
             held = [held[i] for i in fewshot_indices(train_y[held], min(self.num_shots, 4), self.seed)]
         self.splits = {"train": rest, "val": held, "test": list(range(len(test_y)))}

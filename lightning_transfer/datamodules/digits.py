@@ -76,7 +76,7 @@ class Digits(TransferDataModule):
     def _make_splits(self, labels: np.ndarray) -> dict[str, list[int]]:
         pool, test = stratified_split(labels, 0.3, seed=0)  # the test set never depends on the run's seed
         pool_labels = labels[pool]
-        if self.num_shots:
+        if self.num_shots is not None:  # checked >= 1 at construction; 0 must never read as "all"
             train = [pool[i] for i in fewshot_indices(pool_labels, self.num_shots, self.seed)]
             val = [pool[i] for i in fewshot_indices(pool_labels, min(self.num_shots, 4), self.seed + 10_000,
                                                      exclude=[pool.index(t) for t in train])]
@@ -95,7 +95,7 @@ class Digits(TransferDataModule):
         remap = {c: i for i, c in enumerate(self.classes)}
         images = digits.images[keep] / 16.0  # (N, 8, 8) in [0, 1]
         labels = np.array([remap[int(t)] for t in digits.target[keep]])
-        shots = f"{self.num_shots}shot" if self.num_shots else "all"
+        shots = "all" if self.num_shots is None else f"{self.num_shots}shot"
         classes = "-".join(map(str, self.classes))
         path = self.data_dir / "splits" / f"digits_{classes}_{shots}_seed{self.seed}.json"
         self.splits = cached_split(path, lambda: self._make_splits(labels))

@@ -204,7 +204,7 @@ class FileListDataModule(TransferDataModule):
         if not val:
             rest, held = stratified_split([y for _, y in train], self.val_fraction, seed=0)
             train, val = [train[i] for i in rest], [train[i] for i in held]
-        if self.num_shots:
+        if self.num_shots is not None:
             train = [train[i] for i in fewshot_indices([y for _, y in train], self.num_shots, self.seed)]
             val = [val[i] for i in fewshot_indices([y for _, y in val], min(self.num_shots, 4), self.seed)]
         test = list(raw.get("test") or val)

@@ -87,11 +87,11 @@ class ImageFolder(TransferDataModule):
 
         def make() -> dict[str, list]:
             pool, held = (list(range(len(labels))), []) if has_val else stratified_split(labels, 0.1, seed=0)
-            if self.num_shots:
+            if self.num_shots is not None:
                 pool = [pool[i] for i in fewshot_indices([labels[i] for i in pool], self.num_shots, self.seed)]
             return {"train": pool, "val": held}
 
-        tag = f"{self.num_shots}shot_seed{self.seed}" if self.num_shots else "all"
+        tag = "all" if self.num_shots is None else f"{self.num_shots}shot_seed{self.seed}"
         # the file list's digest names the cache, so changed folder contents never reuse a stale split
         files = split_digest({"files": [p for p, _ in train_full.samples], "val": [str(has_val)]})
         self.splits = cached_split(self.data_dir / "splits" / f"folder_{self.root.name}_{files}_{tag}.json", make)

@@ -32,7 +32,7 @@ class ImageNetC(FileListDataModule):
     Args:
         root: the ImageNet-C folder; default ``<data_dir>/ImageNet-C``.
         corruptions: corruption names (``["all"]`` for the 15 benchmark ones).
-        severities: severities 1-5 to test each corruption at.
+        severities: severities 1-5 to test each corruption at (``None``: ``[5]``).
         images_per_class: test on this many images per class of every set (``None``: all 50).
         clean_dir: clean images in ``<wnid>/<image>`` folders, split into training and validation sets.
         cache_images: decode and resize the images once into memory.
@@ -63,15 +63,18 @@ class ImageNetC(FileListDataModule):
             if name not in CORRUPTIONS + EXTRA_CORRUPTIONS:
                 raise ValueError(f"unknown ImageNet-C corruption {name!r}; the 15 benchmark corruptions are "
                                  f"{', '.join(CORRUPTIONS)} (held out: {', '.join(EXTRA_CORRUPTIONS)})")
-        self.severities = list(severities or [5])
+        if not names:  # an empty list would leave no test set, and fail later on a missing first set
+            raise ValueError("corruptions is empty: name at least one ImageNet-C corruption, or leave it null (or "
+                             "['all']) for the 15 benchmark ones")
+        self.severities = [5] if severities is None else list(severities)  # [] is an error, not the default
         if not self.severities or any(s not in range(1, 6) for s in self.severities):
-            raise ValueError(f"severities must be in 1-5, got {severities}")
+            raise ValueError(f"severities must be in 1-5 (a non-empty list; null for [5]), got {severities}")
         if images_per_class is not None and images_per_class < 1:
             raise ValueError(f"images_per_class must be >= 1, got {images_per_class}")
         self.corruptions, self.images_per_class = names, images_per_class
         self.root = Path(root).expanduser() if root else self.data_dir / "ImageNet-C"
         self.clean_dir = Path(clean_dir).expanduser() if clean_dir else None
-        self.variant = f"imagenet-c/{images_per_class or 'all'}-per-class"
+        self.variant = f"imagenet-c/{'all' if images_per_class is None else images_per_class}-per-class"
         self._class_names: list[str] | None = None
 
     @property
@@ -124,7 +127,7 @@ class ImageNetC(FileListDataModule):
         self.samples = {k: v for k, v in self._resolve_splits(raw).items() if k != "test"} if raw["train"] else {}
         for name in self.test_names:
             samples = self._folder_samples(self._set_dir(name))
-            if self.images_per_class:  # same seed and same sorted files: the same images in every set
+            if self.images_per_class is not None:  # same seed and same sorted files: the same images in every set
                 samples = [samples[i] for i in fewshot_indices([y for _, y in samples], self.images_per_class,
                                                                self.seed)]
             self.samples[f"test/{name}"] = samples

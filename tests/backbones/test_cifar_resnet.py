@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -102,3 +104,44 @@ def test_original_resnet20_reproduces_reference_logits(shared_data, filename):
     torch.testing.assert_close(logits, reference, atol=1e-3, rtol=0)
     accuracy = (logits.argmax(1).numpy() == test["y"]).mean()
     assert accuracy == pytest.approx(0.915, abs=1e-9)
+
+
+def test_gray_data_config_fits_the_three_channels():
+    # the quickstart's 1-channel digit statistics carried over to this 3-channel backbone: one value stands for all
+    # three (as TimmBackbone does); this failed inside Digits.setup with "shape '[1, 3, 1, 1]' is invalid"
+    from lightning_transfer.datamodules import Digits
+
+    backbone = CIFARResNet20(data_config={"mean": [0.3], "std": [0.35]}).eval()
+    cfg = backbone.data_config()
+    assert cfg["input_size"] == (3, 32, 32) and cfg["mean"] == (0.3,) * 3 and cfg["std"] == (0.35,) * 3
+    data = Digits(task="target", num_shots=2, data_config=cfg)
+    data.setup()
+    x, _ = next(iter(data.val_dataloader()))
+    assert x.shape[1:] == (3, 32, 32) and backbone(x).shape == (len(x), 64)
+
+
+def test_data_config_that_cannot_fit_fails_when_built(tmp_path):
+    with pytest.raises(ValueError, match="data_config mean has 2 values but CIFARResNet20 takes 3-channel input: "
+                                         "give 3 values"):
+        CIFARResNet20(data_config={"mean": [0.3, 0.3], "std": [0.35]})
+    with pytest.raises(ValueError, match=r"data_config input_size \(1, 32, 32\) has 1 channels but CIFARResNet32 "
+                                         r"takes 3-channel input"):
+        BACKBONES.get("cifar_resnet32")(data_config={"input_size": [1, 32, 32]})
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_truncated_weight_file_names_the_path(tmp_path, suffix):
+    from safetensors.torch import save_file
+
+    state = {k: v for k, v in CIFARResNet20().state_dict().items() if "num_batches" not in k}
+    whole = tmp_path / f"whole{suffix}"
+    if suffix == ".npz":
+        np.savez(whole, **{k: v.numpy() for k, v in state.items()})
+    else:
+        save_file(state, str(whole))
+    truncated = tmp_path / f"cut{suffix}"
+    truncated.write_bytes(whole.read_bytes()[:200])
+    where = re.escape(str(truncated))
+    with pytest.raises(ValueError, match=rf"cannot read '{where}' as .*The file is truncated") as info:
+        CIFARResNet20(checkpoint_path=str(truncated))
+    assert "Legacy (pre-1.6)" not in str(info.value)  # the .th pickle advice is not about these formats
