@@ -8,9 +8,13 @@ files compose, components are chosen by ``class_path`` (short class names work: 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import os
+import pickle
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
 
 import lightning_transfer  # noqa: F401  (fills the registries)
 from lightning_transfer.callbacks.efficiency import EfficiencyMonitor
@@ -112,6 +117,9 @@ class TransferCLI(LightningCLI):
             sys.argv[1:] = resolve_registry_names(sys.argv[1:])
         else:
             args = resolve_registry_names(list(args))
+        # the model settings given as flags: with --ckpt_path, the checkpoint's own settings replace the model config,
+        # so a flag that asks for something else must be refused rather than ignored
+        self._model_flags = _model_flags(sys.argv[1:] if args is None else args)
         super().__init__(TransferModule, TransferDataModule, subclass_mode_data=True, args=args, run=run, **kwargs)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
@@ -120,15 +128,34 @@ class TransferCLI(LightningCLI):
         parser.add_lightning_class_args(EfficiencyMonitor, "efficiency")
 
     def _parse_ckpt_path(self) -> None:
+        with _setup_phase():
+            self._load_ckpt_settings()
+
+    def _load_ckpt_settings(self) -> None:
         # Lightning replaces the model config with the checkpoint's hyperparameters; the test-time method is chosen
         # when testing (`test --model.test_time=CAFA --ckpt_path run.ckpt`), not by the run that saved the weights
         sub = self.config.get("subcommand")
-        if sub == "fit" and self.config[sub].get("ckpt_path"):
-            continue_run(self.config[sub])
-        chosen = self.config[sub].model.get("test_time") if sub else None
-        super()._parse_ckpt_path()
-        if chosen is not None:
-            self.config[sub].model.test_time = chosen
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if not ckpt_path:
+            return
+        if ckpt_path not in _NAMED_CHECKPOINTS and not str(ckpt_path).startswith("registry:") \
+                and not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"--ckpt_path {ckpt_path!r} does not exist: pass a .ckpt written by fit (e.g. "
+                                    "<run folder>/checkpoints/last.ckpt), or 'last' to resume the newest run")
+        before = self.config[sub].model.clone()
+        try:
+            if sub == "fit":
+                continue_run(self.config[sub])
+            super()._parse_ckpt_path()
+        except (OSError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as err:
+            path = self.config[sub].get("ckpt_path")
+            raise ValueError(
+                f"cannot read checkpoint {path!r} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                "): it is truncated or not a checkpoint written by fit, or it holds objects other than tensors, which "
+                "are never unpickled here (weights_only=True). Pass a complete checkpoint written by fit.") from err
+        if before.get("test_time") is not None:
+            self.config[sub].model.test_time = before.test_time
+        _check_flags_kept(self._model_flags, before, self.config[sub].model, self.config[sub].get("ckpt_path"))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # The CLI's progress bar (see ThrottledProgressBar) joins the trainer here rather than the config, so the saved
@@ -145,11 +172,110 @@ class TransferCLI(LightningCLI):
             kwargs["callbacks"] = [*_as_list(setting("callbacks")), ThrottledProgressBar()]
         return super().instantiate_trainer(**kwargs)
 
+    def instantiate_classes(self) -> None:
+        with _setup_phase():
+            super().instantiate_classes()
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        with _setup_phase():
+            _refuse_reused_csv_version(config.trainer.get("logger"))
         if config.model.get("test_time") is not None and config.trainer.get("inference_mode", True):
             # test-time methods take gradient steps inside trainer.test
             config.trainer.inference_mode = False
+
+
+_NAMED_CHECKPOINTS = ("last", "best", "hpc")
+TRACEBACK_ENV = "LIGHTNING_TRANSFER_TRACEBACK"
+
+
+@contextlib.contextmanager
+def _setup_phase() -> Iterator[None]:
+    """Mark an error raised while the run is being built (bad config, missing file, unreadable checkpoint): nothing
+    has trained yet, so :func:`main` shows its message, which names the value and the fix, without the traceback."""
+    try:
+        yield
+    except Exception as err:
+        err._before_training = True  # type: ignore[attr-defined]
+        raise
+
+
+def _model_flags(argv: list[str]) -> list[str]:
+    """The ``model.*`` keys set on the command line (``--model.adaptation=LoRA``, ``--model.backbone.init_args.x 1``),
+    except the test-time method, which is chosen when testing rather than by the run that saved a checkpoint."""
+    keys = [arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--model.")]
+    return [k[len("model."):] for k in keys if k != "model.test_time" and not k.startswith("model.test_time.")]
+
+
+def _check_flags_kept(flags: list[str], before: Any, after: Any, ckpt_path: str) -> None:
+    """Refuse a ``--model.*`` flag whose value the checkpoint's settings replaced: a run that silently used another
+    strategy or backbone than the one asked for would report that one's numbers under this one's name."""
+    conflicts = []
+    for key in flags:
+        old, new = _config_value(before, key), _config_value(after, key)
+        if hasattr(old, "get") and hasattr(new, "get") and "class_path" in old:  # --model.adaptation=LoRA: the class
+            old, new = _import_class(old.get("class_path")), _import_class(new.get("class_path"))
+        if old != new:
+            conflicts.append(f"--model.{key}={_short(old)} (the checkpoint has {_short(new)})")
+    replaced = [f"{key}={_short(_import_class(after.get(key, {}).get('class_path')))} (the config has "
+                f"{_short(_import_class(before.get(key, {}).get('class_path')))})" for key in ("adaptation", "backbone")
+                if key not in flags and hasattr(before.get(key), "get") and hasattr(after.get(key), "get")
+                and _import_class(before[key].get("class_path")) != _import_class(after[key].get("class_path"))]
+    if replaced:  # from a config file, as `test --config X.yaml --ckpt_path run.ckpt` is meant to: said, not silent
+        rank_zero_info(f"--ckpt_path {ckpt_path}: the model is rebuilt with the checkpoint's settings: "
+                       + "; ".join(f"model.{r}" for r in replaced))
+    if conflicts:
+        raise ValueError(
+            f"{'; '.join(conflicts)}: with --ckpt_path, the model is rebuilt with the settings of the run that saved "
+            f"{ckpt_path!r}, so these flags would be ignored. Drop them to use the checkpoint as trained, or pass a "
+            "checkpoint trained with these settings.")
+
+
+def _refuse_reused_csv_version(logger: Any) -> None:
+    """A CSVLogger given a ``version`` whose folder holds files deletes that run's metrics.csv when it starts (Lightning
+    warns, then deletes): refuse before it is built, so nothing an earlier run wrote is lost."""
+    for item in _as_list(logger):
+        if isinstance(item, bool) or not hasattr(item, "get") or not str(item.get("class_path")).endswith("CSVLogger"):
+            continue
+        args = item.get("init_args") or {}
+        version = args.get("version")
+        if version is None:  # the next free version: a new folder
+            continue
+        name = args.get("name", "lightning_logs")
+        folder = Path(args.get("save_dir") or ".") / (name or "") / (version if isinstance(version, str)
+                                                                      else f"version_{version}")
+        if folder.is_dir() and any(folder.iterdir()):
+            raise FileExistsError(
+                f"the CSV logger's version {version!r} folder {str(folder)!r} holds an earlier run's logs, which this "
+                "run would delete: choose another --trainer.logger.init_args.version (or leave it unset for the next "
+                "free one), or move that folder away")
+
+
+def _import_class(path: Any) -> Any:
+    """The class a class_path names (one class can be named through several modules), else the path as it is."""
+    module, _, name = str(path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return path
+
+
+def _config_value(config: Any, key: str) -> Any:
+    for part in key.split("."):
+        if not hasattr(config, "get"):
+            return None
+        value = config.get(part)
+        if value is None and hasattr(config.get("init_args"), "get"):  # --model.adaptation.r=8 means init_args.r
+            value = config.init_args.get(part)
+        config = value
+    return config
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, type):
+        return value.__name__
+    text = str(value.as_dict() if hasattr(value, "as_dict") else value)
+    return text.rsplit(".", 1)[-1] if text.startswith("lightning_transfer.") else text
 
 
 def _as_list(value: Any) -> list:
@@ -243,7 +369,10 @@ def _export(argv: list[str]) -> None:
                              "peft: peft's adapter files for the wrapped model (LoRA, PeftMethod) (+ head)")
     parser.add_argument("--output", required=True, help="output directory (must not exist or be empty)")
     args = parser.parse_args(argv)
-    written = export_checkpoint(args.ckpt_path, args.format, args.output)
+    try:
+        written = export_checkpoint(args.ckpt_path, args.format, args.output)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:  # each names the bad value and the fix
+        raise SystemExit(f"export: {err}") from None
     for path in written:
         print(path)
 
@@ -263,7 +392,13 @@ def main(argv: list[str] | None = None) -> None:
         bench_main(argv[1:])
         return
     default_wandb_mode()
-    TransferCLI(args=None if from_command_line else argv)
+    try:
+        TransferCLI(args=None if from_command_line else argv)
+    except Exception as err:
+        if from_command_line and getattr(err, "_before_training", False) and not os.environ.get(TRACEBACK_ENV):
+            raise SystemExit(f"error: {type(err).__name__}: {err}\n(before anything ran; set {TRACEBACK_ENV}=1 to see "
+                             "the traceback)") from None
+        raise
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ def export_checkpoint(ckpt_path: str, fmt: str, output: str) -> list[Path]:
     for strategies that define ``save_peft`` (LoRA, PeftMethod).
     """
     out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--output {output!r} is a file; give a new folder (nothing is overwritten)")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"output directory {output!r} is not empty; choose a new one (nothing is overwritten)")
     if fmt not in FORMATS:
@@ -42,6 +44,13 @@ def export_checkpoint(ckpt_path: str, fmt: str, output: str) -> list[Path]:
         written = save_peft(module.backbone, out)
     else:
         merge = getattr(module.adaptation, "merged_backbone_state", None)
+        own = list(module.adaptation.state_dict())
+        if merge is None and own:  # VQT's query tokens, SHERL's projections: no backbone weight can hold them
+            raise ValueError(
+                f"{type(module.adaptation).__name__} keeps trained weights outside the backbone ({', '.join(own[:4])}"
+                f"{', ...' if len(own) > 4 else ''}), which a merged backbone cannot hold: exported without them, the "
+                "backbone and head would be another model. Use the checkpoint itself (test/predict --ckpt_path, or "
+                "TransferModule.load_from_checkpoint)")
         backbone_state = merge(module.backbone) if merge is not None else module.backbone.export_state_dict()
         out.mkdir(parents=True, exist_ok=True)
         written = [out / "backbone.safetensors"]

@@ -129,6 +129,7 @@ class TransferModule(LightningModule):
         adaptation.set_class_names(class_names)  # strategies that build their classifier from names (CLIP)
         adaptation.attach(backbone, self.head)
         self.test_time = test_time
+        _check_optimizer(optimizer)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
@@ -380,17 +381,19 @@ class TransferModule(LightningModule):
         state = self._test_time_state(state)
         checkpoint["state_dict"] = state
         own = self.state_dict()
-        self._check_shapes(state, own)
         meta = checkpoint.get(CHECKPOINT_KEY)
+        # the strategy first: another strategy's keys and shapes differ too, but that list would not say why
+        strategy = type(self.adaptation).__name__
+        if meta is not None and meta.get("adaptation", strategy) != strategy:
+            raise ValueError(
+                f"checkpoint was trained with model.adaptation={meta['adaptation']} but this model uses "
+                f"{strategy}: build the model with the same backbone and model.adaptation as "
+                "the run that saved it (the CLI does this from the checkpoint's hyperparameters)"
+            )
+        self._check_shapes(state, own)
         if meta is None:  # a full checkpoint from elsewhere: strict loading does the checking
             return
         self._resume_rng_states(meta.get("rng_states"))
-        if meta.get("adaptation", type(self.adaptation).__name__) != type(self.adaptation).__name__:
-            raise ValueError(
-                f"checkpoint was trained with model.adaptation={meta['adaptation']} but this model uses "
-                f"{type(self.adaptation).__name__}: build the model with the same backbone and model.adaptation as "
-                "the run that saved it (the CLI does this from the checkpoint's hyperparameters)"
-            )
         omitted = {k: v for k, v in own.items() if k not in state}
         if len(omitted) != meta["omitted_keys"]:
             raise ValueError(
@@ -452,6 +455,18 @@ class TransferModule(LightningModule):
 # Lightning reads training_step's parameters with inspect.getfullargspec on every training step (to decide whether to
 # pass batch_idx); with the signature precomputed that is a lookup, not a parse of the function: ~150 to ~65 us a step.
 setattr(TransferModule.training_step, "__signature__", inspect.signature(TransferModule.training_step))  # noqa: B010
+
+
+def _check_optimizer(factory: OptimizerCallable) -> None:
+    """Build the optimizer once on a throwaway parameter, so a setting torch rejects (a negative lr, betas outside
+    [0, 1)) fails when the model is built, naming the setting, not after the fit has started and a run was logged."""
+    try:
+        factory([nn.Parameter(torch.zeros(1))])
+    except ValueError as err:
+        raise ValueError(f"model.optimizer cannot be built: {err}: fix its init_args (e.g. "
+                         "--model.optimizer.init_args.lr=1e-3)") from err
+    except Exception:  # noqa: BLE001  a factory that needs more than a parameter list: configure_optimizers will say
+        pass
 
 
 def _unwrapped_name(name: str) -> str:

@@ -81,6 +81,30 @@ def test_test_subcommand_reloads_fit_checkpoint():
     assert Path(ckpt).is_file()
     tested = TransferCLI(args=["test", "--config", QUICK, "--ckpt_path", ckpt, *NO_LOGGER])
     assert 0.0 <= float(tested.trainer.callback_metrics["test/acc"]) <= 1.0
+    # a flag the checkpoint's settings would override is refused, not ignored; one that agrees with them is fine
+    with pytest.raises(ValueError, match=r"--model.adaptation=LinearProbe \(the checkpoint has FullFinetune\)"):
+        TransferCLI(args=["test", "--config", QUICK, "--model.adaptation=linear_probe", "--ckpt_path", ckpt,
+                          *NO_LOGGER])
+    with pytest.raises(ValueError, match=r"model_kwargs.patch_size=4 \(the checkpoint has 2\)"):
+        TransferCLI(args=["test", "--config", QUICK, "--model.backbone.init_args.model_kwargs.patch_size=4",
+                          "--ckpt_path", ckpt, *NO_LOGGER])
+    agreed = TransferCLI(args=["test", "--config", QUICK, "--model.adaptation=FullFinetune", "--ckpt_path", ckpt,
+                               *NO_LOGGER])
+    assert agreed.trainer.callback_metrics["test/acc"] == tested.trainer.callback_metrics["test/acc"]
+
+
+def test_unreadable_or_missing_checkpoints_are_named_before_anything_runs(tmp_path):
+    cli = TransferCLI(args=["fit", "--config", QUICK, *FAST, *NO_LOGGER, f"--trainer.default_root_dir={tmp_path}"])
+    whole = Path(cli.trainer.checkpoint_callback.last_model_path).read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(whole[:20000])
+    (tmp_path / "text.ckpt").write_text("not a checkpoint")
+    for name in ("cut.ckpt", "text.ckpt"):
+        path = str(tmp_path / name)
+        for sub in ("test", "fit"):
+            with pytest.raises(ValueError, match=f"cannot read checkpoint '{path}'.*Pass a complete checkpoint"):
+                TransferCLI(args=[sub, "--config", QUICK, "--ckpt_path", path, *NO_LOGGER])
+    with pytest.raises(FileNotFoundError, match="--ckpt_path 'nope.ckpt' does not exist: pass a .ckpt written by fit"):
+        TransferCLI(args=["test", "--config", QUICK, "--ckpt_path", "nope.ckpt", *NO_LOGGER])
 
 
 # ---- bad input: clear errors before the first training step ----------------------------------------------------
@@ -123,3 +147,32 @@ def test_image_folder_pointed_at_missing_folder():
     with pytest.raises((FileNotFoundError, ValueError), match="no training folder at .*missing_data.*<class>/<image>"):
         TransferCLI(args=["--config", QUICK, "--data=ImageFolder", "--data.init_args.root=missing_data", *NO_LOGGER],
                     run=False)
+
+
+def test_a_csv_logger_version_that_holds_a_run_is_refused_before_its_metrics_are_deleted(tmp_path):
+    csv = ["--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.init_args.save_dir={tmp_path}",
+           "--trainer.logger.init_args.version=7"]
+    TransferCLI(args=["fit", "--config", QUICK, *FAST, *csv])
+    (metrics,) = tmp_path.glob("*/version_7/metrics.csv")  # <save_dir>/<name>/version_7
+    written = metrics.read_text()
+    assert "train/loss" in written
+    with pytest.raises(FileExistsError, match="version 7 folder .*version_7' holds an earlier run's logs"):
+        TransferCLI(args=["fit", "--config", QUICK, *FAST, *csv])
+    assert metrics.read_text() == written  # Lightning's logger would have deleted it on start
+
+
+def test_command_line_errors_before_anything_ran_show_the_message_not_a_traceback(monkeypatch):
+    argv = ["lightning_transfer", "fit", "--config", QUICK, "--model.backbone.init_args.model_name=no_such_vit",
+            *NO_LOGGER]
+    monkeypatch.setattr(sys, "argv", list(argv))
+    monkeypatch.delenv("LIGHTNING_TRANSFER_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    assert str(stopped.value.code).startswith("error: ValueError: unknown timm model_name 'no_such_vit'")
+    assert "LIGHTNING_TRANSFER_TRACEBACK=1" in str(stopped.value.code)
+    monkeypatch.setattr(sys, "argv", list(argv))
+    monkeypatch.setenv("LIGHTNING_TRANSFER_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="unknown timm model_name"):  # the traceback, on request
+        main()
+    with pytest.raises(ValueError, match="unknown timm model_name"):  # and always from Python (main(argv))
+        main(argv[1:])

@@ -12,6 +12,8 @@ from lightning_transfer.datamodules import Digits
 from lightning_transfer.module import TransferModule
 from lightning_transfer.strategies import FullFinetune, LinearProbe, PartialFreeze
 from lightning_transfer.strategies.full import layer_lr_scales
+from lightning_transfer.strategies.lora import LoRA
+from lightning_transfer.strategies.vqt import VQT
 from tests.helpers.models import TINY_VIT, inputs_for, tiny_cnn, tiny_vit
 
 
@@ -312,6 +314,31 @@ def test_strategy_mismatch_is_refused(tmp_path):
     partial = TransferModule(tiny_vit(), PartialFreeze(num_frozen_blocks=3), num_classes=5)
     with pytest.raises(ValueError, match="same backbone and model.adaptation"):
         partial.on_load_checkpoint(torch.load(tmp_path / "probe.ckpt", weights_only=True))
+    # strategies whose keys or head shapes differ too: the message still names the two strategies
+    for other in (LoRA(r=2), VQT()):
+        _fit_and_save(TransferModule(tiny_vit(), other, num_classes=5), tmp_path / "other.ckpt")
+        probe = TransferModule(tiny_vit(), LinearProbe(), num_classes=5)
+        with pytest.raises(ValueError, match=f"trained with model.adaptation={type(other).__name__} but this model "
+                                             "uses LinearProbe"):
+            probe.on_load_checkpoint(torch.load(tmp_path / "other.ckpt", weights_only=True))
+
+
+def test_a_merged_export_refuses_strategies_whose_weights_live_outside_the_backbone(tmp_path):
+    from lightning_transfer.cli import main
+
+    _fit_and_save(TransferModule(tiny_vit(), VQT(), num_classes=5), tmp_path / "vqt.ckpt")
+    with pytest.raises(SystemExit, match=r"export: VQT keeps trained weights outside the backbone \(queries\)"):
+        main(["export", "--ckpt_path", str(tmp_path / "vqt.ckpt"), "--output", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "a_file").write_text("kept")
+    with pytest.raises(SystemExit, match="export: --output .*a_file' is a file"):
+        main(["export", "--ckpt_path", str(tmp_path / "vqt.ckpt"), "--output", str(tmp_path / "a_file")])
+    assert (tmp_path / "a_file").read_text() == "kept"
+
+
+def test_an_optimizer_setting_torch_rejects_fails_when_the_model_is_built():
+    with pytest.raises(ValueError, match="model.optimizer cannot be built: Invalid learning rate: -0.001: fix its"):
+        TransferModule(tiny_vit(), LinearProbe(), num_classes=5, optimizer=lambda p: torch.optim.AdamW(p, lr=-1e-3))
 
 
 def test_nothing_to_train_is_a_clear_error():
