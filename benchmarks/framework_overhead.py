@@ -14,6 +14,12 @@ and the same bare-LightningModule comparison, which is Lightning's own per-step 
     python benchmarks/framework_overhead.py --accelerator gpu          # on a GPU (device synchronised per step)
     python benchmarks/framework_overhead.py --cli-defaults --models quickstart
     python benchmarks/framework_overhead.py --accelerator gpu --pairing epoch --epochs 8   # no per-step sync
+    python benchmarks/framework_overhead.py --models quickstart --bypass-closure   # a bound, not the product
+
+``--bypass-closure`` is a diagnostic: it swaps Lightning's automatic optimization (its closure, LightningOptimizer,
+strategy and precision-plugin layers, and the zero_grad/backward/optimizer-step hooks) for the least that still trains
+and keeps Lightning's step counters: training_step, backward, optimizer.step. No run of the product does this; it
+bounds what replacing that part of Lightning's loop could gain.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loops.optimization.automatic import _AutomaticOptimization
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_transfer.backbones.timm import TimmBackbone
@@ -138,12 +145,35 @@ class _InterleaveEpochs(_Interleave):
             self.plain_steps.append(time.perf_counter() - start)
 
 
+class _BypassedClosure(_AutomaticOptimization):
+    """For ``--bypass-closure`` only: training_step, backward and optimizer.step called directly, with Lightning's step
+    and zero_grad counters kept (``global_step`` reads them) and ``on_before_backward`` still sent to the callbacks
+    (EfficiencyMonitor measures the first step with it). One optimizer, no accumulation, no clipping, 32-bit."""
+
+    def run(self, optimizer, batch_idx, kwargs):
+        trainer, module = self.trainer, self.trainer.lightning_module
+        progress = self.optim_progress.optimizer
+        progress.step.increment_ready()
+        module._current_fx_name = "training_step"
+        loss = module.training_step(*kwargs.values())
+        progress.zero_grad.increment_ready()
+        progress.zero_grad.increment_started()
+        module.optimizer_zero_grad(trainer.current_epoch, batch_idx, optimizer)
+        progress.zero_grad.increment_completed()
+        for callback in trainer.callbacks:
+            callback.on_before_backward(trainer, module, loss)
+        loss.backward()
+        optimizer.step()
+        progress.step.increment_completed()
+        return {"loss": loss.detach()}
+
+
 def _cuda_if(accelerator: str) -> torch.device | None:
     return torch.device("cuda") if accelerator == "gpu" else None
 
 
 def measure(model: str, strategy_cls: type, epochs: int, accelerator: str = "cpu",
-            cli_defaults: bool = False, pairing: str = "step") -> dict[str, float]:
+            cli_defaults: bool = False, pairing: str = "step", bypass_closure: bool = False) -> dict[str, float]:
     """Median step milliseconds of both sides and the median and quartiles of the per-pair ratios (see _summary).
 
     ``cli_defaults`` adds what a ``fit`` with ``configs/defaults.yaml`` also runs every step: the CLI's progress bar,
@@ -164,7 +194,15 @@ def measure(model: str, strategy_cls: type, epochs: int, accelerator: str = "cpu
                                    ModelCheckpoint(dirpath=out, save_last=True, save_top_k=0), timer]}
         trainer = Trainer(max_epochs=epochs + 1, enable_model_summary=False, accelerator=accelerator, devices=1,
                           **extra)
+        if bypass_closure:
+            epoch_loop = trainer.fit_loop.epoch_loop
+            bypass = _BypassedClosure(trainer)
+            bypass.optim_progress = epoch_loop.automatic_optimization.optim_progress
+            epoch_loop.automatic_optimization = bypass
         trainer.fit(module, train_dataloaders=loader)
+        if bypass_closure and trainer.global_step != (epochs + 1) * batches:  # the counters it has to keep
+            raise RuntimeError(f"--bypass-closure: {trainer.global_step} optimizer steps counted, expected "
+                               f"{(epochs + 1) * batches}")
     return _summary(timer)
 
 
@@ -219,6 +257,9 @@ def main() -> None:
                         help="pair single steps (default) or whole epochs; the times printed are then per epoch")
     parser.add_argument("--cli-defaults", action="store_true",
                         help="add the CLI's per-step extras: progress bar, ModelCheckpoint, a logger every 5 steps")
+    parser.add_argument("--bypass-closure", action="store_true",
+                        help="diagnostic, not the product: skip Lightning's optimization closure and its hooks "
+                             "(training_step, backward, optimizer.step called directly), to bound what that could gain")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's; 1 is steadier on a shared machine)")
     args = parser.parse_args()
@@ -243,7 +284,8 @@ def main() -> None:
           f"{'[q1, q3]':>15} {'total':>6} {'ms added':>9}")
     for model in args.models.split(","):
         for strategy_cls in (FullFinetune, LinearProbe):
-            r = measure(model, strategy_cls, args.epochs, args.accelerator, args.cli_defaults, args.pairing)
+            r = measure(model, strategy_cls, args.epochs, args.accelerator, args.cli_defaults, args.pairing,
+                        args.bypass_closure)
             quartiles = f"[{r['q1']:.3f}, {r['q3']:.3f}]"
             print(f"{model:<16} {strategy_cls.__name__:<14} {r['pairs']:>5} {r['lightning_ms']:>12.2f} "
                   f"{r['plain_ms']:>9.2f} {r['ratio']:>6.3f} {quartiles:>15} {r['total_ratio']:>6.3f} "
