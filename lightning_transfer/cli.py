@@ -217,13 +217,15 @@ def _check_flags_kept(flags: list[str], before: Any, after: Any, ckpt_path: str)
             old, new = _import_class(old.get("class_path")), _import_class(new.get("class_path"))
         if old != new:
             conflicts.append(f"--model.{key}={_short(old)} (the checkpoint has {_short(new)})")
-    replaced = [f"{key}={_short(_import_class(after.get(key, {}).get('class_path')))} (the config has "
-                f"{_short(_import_class(before.get(key, {}).get('class_path')))})" for key in ("adaptation", "backbone")
-                if key not in flags and hasattr(before.get(key), "get") and hasattr(after.get(key), "get")
-                and _import_class(before[key].get("class_path")) != _import_class(after[key].get("class_path"))]
+    replaced = []
+    for key in ("adaptation", "backbone"):
+        configured = _import_class(_config_value(before, f"{key}.class_path"))
+        used = _import_class(_config_value(after, f"{key}.class_path"))
+        if key not in flags and configured != used:
+            replaced.append(f"model.{key}={_short(used)} (the config has {_short(configured)})")
     if replaced:  # from a config file, as `test --config X.yaml --ckpt_path run.ckpt` is meant to: said, not silent
         rank_zero_info(f"--ckpt_path {ckpt_path}: the model is rebuilt with the checkpoint's settings: "
-                       + "; ".join(f"model.{r}" for r in replaced))
+                       + "; ".join(replaced))
     if conflicts:
         raise ValueError(
             f"{'; '.join(conflicts)}: with --ckpt_path, the model is rebuilt with the settings of the run that saved "

@@ -93,9 +93,15 @@ def test_test_subcommand_reloads_fit_checkpoint():
     assert agreed.trainer.callback_metrics["test/acc"] == tested.trainer.callback_metrics["test/acc"]
 
 
-def test_unreadable_or_missing_checkpoints_are_named_before_anything_runs(tmp_path):
+def test_unreadable_or_missing_checkpoints_are_named_before_anything_runs(tmp_path, caplog):
     cli = TransferCLI(args=["fit", "--config", QUICK, *FAST, *NO_LOGGER, f"--trainer.default_root_dir={tmp_path}"])
     whole = Path(cli.trainer.checkpoint_callback.last_model_path).read_bytes()
+    # a config file naming another strategy: the checkpoint's is used, and the run says so
+    with caplog.at_level("INFO"):
+        TransferCLI(args=["test", "--config", QUICK, "--config", str(REPO / "configs/strategy/linear_probe.yaml"),
+                          "--ckpt_path", cli.trainer.checkpoint_callback.last_model_path, *NO_LOGGER])
+    assert "rebuilt with the checkpoint's settings: model.adaptation=FullFinetune (the config has LinearProbe)" \
+        in caplog.text
     (tmp_path / "cut.ckpt").write_bytes(whole[:20000])
     (tmp_path / "text.ckpt").write_text("not a checkpoint")
     for name in ("cut.ckpt", "text.ckpt"):
