@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import importlib
+import inspect
 import json
 import os
 import pickle
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,6 +67,9 @@ class TransferArgumentParser(LightningArgumentParser):
     """Adds the registered choices to errors about a component that cannot be resolved."""
 
     def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
+        unknown_option = _unknown_option_hint(message)
+        if unknown_option:  # the class is right, an option of it is not: listing the other classes would mislead
+            super().error(f"{message}\n{unknown_option}", ex)
         for key, registry in _COMPONENT_KEYS.items():
             if f'"{key}"' in message or f"'{key}'" in message or f"key {key}:" in message:
                 choices = ", ".join(f"{cls.__name__} ({name})" for name, cls in registry.items())
@@ -71,6 +77,20 @@ class TransferArgumentParser(LightningArgumentParser):
                             f"--{key}=<ClassName> (see `python -m lightning_transfer list`).")
                 break
         super().error(message, ex)
+
+
+def _unknown_option_hint(message: str) -> str | None:
+    """For jsonargparse's "Problem with given class_path 'X' ... Option 'y' is not accepted": X's options."""
+    found = re.search(r"class_path '([\w.]+)'[^\n]*\n\s*Option '(\w+)' is not accepted", message)
+    if found is None:
+        return None
+    cls = _import_class(found.group(1))
+    if not isinstance(cls, type):
+        return None
+    options = [name for name in inspect.signature(cls.__init__).parameters if name not in ("self", "args", "kwargs")]
+    close = difflib.get_close_matches(found.group(2), options, n=3, cutoff=0.4)
+    guess = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+    return f"{cls.__name__} has no option {found.group(2)!r}; {guess}{cls.__name__}'s options: {', '.join(options)}"
 
 
 class LoggedConfigCallback(SaveConfigCallback):

@@ -125,6 +125,12 @@ def test_unknown_strategy_lists_the_registered_ones(capsys):
     assert "Lorax" in err and "Registered choices for model.adaptation" in err and "FullFinetune (full)" in err
 
 
+def test_an_unknown_option_of_the_right_strategy_lists_its_options_not_the_strategies(capsys):
+    err = _error(["--config", QUICK, "--model.adaptation=LoRA", "--model.adaptation.rank=16", *NO_LOGGER], capsys)
+    assert "LoRA has no option 'rank'; did you mean 'r'? LoRA's options: r, alpha," in err
+    assert "Registered choices" not in err
+
+
 def test_unknown_backbone_class_lists_the_registered_ones(capsys):
     err = _error(["--config", QUICK, "--model.backbone=NoSuchBackbone", *NO_LOGGER], capsys)
     assert "NoSuchBackbone" in err and "Registered choices for model.backbone" in err and "TimmBackbone" in err
