@@ -34,7 +34,7 @@ from lightning_transfer.callbacks.progress import ThrottledProgressBar
 from lightning_transfer.checkpointing import PARTIAL_PREFIX
 from lightning_transfer.datamodules.base import TransferDataModule
 from lightning_transfer.loggers import default_wandb_mode
-from lightning_transfer.module import CHECKPOINT_KEY, TransferModule
+from lightning_transfer.module import CHECKPOINT_KEY, CheckpointMismatch, TransferModule
 from lightning_transfer.registry import BACKBONES, DATAMODULES, STRATEGIES, TEST_TIME, Registry, first_doc_line
 
 # the config keys that choose a registered component, and the registry each one draws from
@@ -87,7 +87,7 @@ def _unknown_option_hint(message: str) -> str | None:
     cls = _import_class(found.group(1))
     if not isinstance(cls, type):
         return None
-    options = [name for name in inspect.signature(cls.__init__).parameters if name not in ("self", "args", "kwargs")]
+    options = [name for name in inspect.signature(cls).parameters if name not in ("args", "kwargs")]
     close = difflib.get_close_matches(found.group(2), options, n=3, cutoff=0.4)
     guess = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
     return f"{cls.__name__} has no option {found.group(2)!r}; {guess}{cls.__name__}'s options: {', '.join(options)}"
@@ -417,7 +417,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         TransferCLI(args=None if from_command_line else argv)
     except Exception as err:
-        if from_command_line and getattr(err, "_before_training", False) and not os.environ.get(TRACEBACK_ENV):
+        before_training = getattr(err, "_before_training", False) or isinstance(err, CheckpointMismatch)
+        if from_command_line and before_training and not os.environ.get(TRACEBACK_ENV):
             raise SystemExit(f"error: {type(err).__name__}: {err}\n(before anything ran; set {TRACEBACK_ENV}=1 to see "
                              "the traceback)") from None
         raise

@@ -24,6 +24,13 @@ from lightning_transfer.strategies.base import AdaptationStrategy
 from lightning_transfer.test_time.base import TestTimeAdaptation
 
 CHECKPOINT_KEY = "lightning_transfer"
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint that does not fit the model it is loaded into (another strategy, backbone or class count). It is
+    raised before any step runs and names the difference and the fix, so the command line shows only the message."""
+
+
 _INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 
 
@@ -385,7 +392,7 @@ class TransferModule(LightningModule):
         # the strategy first: another strategy's keys and shapes differ too, but that list would not say why
         strategy = type(self.adaptation).__name__
         if meta is not None and meta.get("adaptation", strategy) != strategy:
-            raise ValueError(
+            raise CheckpointMismatch(
                 f"checkpoint was trained with model.adaptation={meta['adaptation']} but this model uses "
                 f"{strategy}: build the model with the same backbone and model.adaptation as "
                 "the run that saved it (the CLI does this from the checkpoint's hyperparameters)"
@@ -396,19 +403,19 @@ class TransferModule(LightningModule):
         self._resume_rng_states(meta.get("rng_states"))
         omitted = {k: v for k, v in own.items() if k not in state}
         if len(omitted) != meta["omitted_keys"]:
-            raise ValueError(
+            raise CheckpointMismatch(
                 f"checkpoint was saved from a model whose frozen backbone had {meta['omitted_keys']} tensors, but this "
                 f"model has {len(omitted)} tensors the checkpoint does not hold: build it with the same backbone and "
                 f"model.adaptation as the run that saved it (checkpoint backbone: {meta['backbone']})"
             )
         if self._omitted_digest(omitted) != meta["omitted_digest"]:
             if "random init" in meta["backbone"]:
-                raise ValueError(
+                raise CheckpointMismatch(
                     f"checkpoint was trained on a randomly initialised frozen backbone ({meta['backbone']}), whose "
                     "weights a checkpoint cannot rebuild: train on pretrained weights or a checkpoint_path, or with a "
                     "strategy that trains the whole backbone"
                 )
-            raise ValueError(
+            raise CheckpointMismatch(
                 f"checkpoint was trained on top of backbone {meta['backbone']}, but this model's frozen backbone "
                 f"weights ({self.backbone.identity()}) differ from those: load the same pretrained weights "
                 "(model.backbone pretrained/checkpoint_path) the run used"
@@ -435,7 +442,7 @@ class TransferModule(LightningModule):
     def _check_shapes(self, state: dict[str, Tensor], own: dict[str, Tensor]) -> None:
         head_w = "head.fc.weight"
         if head_w in state and head_w in own and state[head_w].shape[0] != own[head_w].shape[0]:
-            raise ValueError(
+            raise CheckpointMismatch(
                 f"checkpoint head has {state[head_w].shape[0]} classes but this model has num_classes="
                 f"{self.num_classes} (from the data): test on data with the classes the model was trained on, or "
                 "train a new head"
@@ -444,7 +451,7 @@ class TransferModule(LightningModule):
         bad = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                for k in state if k in own and state[k].shape != own[k].shape]
         if unexpected or bad:
-            raise ValueError(
+            raise CheckpointMismatch(
                 "checkpoint does not match this model: "
                 + (f"unexpected keys {unexpected[:6]}; " if unexpected else "")
                 + (f"shape mismatches {bad[:6]}; " if bad else "")

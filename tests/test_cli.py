@@ -93,7 +93,7 @@ def test_test_subcommand_reloads_fit_checkpoint():
     assert agreed.trainer.callback_metrics["test/acc"] == tested.trainer.callback_metrics["test/acc"]
 
 
-def test_unreadable_or_missing_checkpoints_are_named_before_anything_runs(tmp_path, caplog):
+def test_unreadable_or_missing_checkpoints_are_named_before_anything_runs(tmp_path, caplog, monkeypatch):
     cli = TransferCLI(args=["fit", "--config", QUICK, *FAST, *NO_LOGGER, f"--trainer.default_root_dir={tmp_path}"])
     whole = Path(cli.trainer.checkpoint_callback.last_model_path).read_bytes()
     # a config file naming another strategy: the checkpoint's is used, and the run says so
@@ -111,6 +111,14 @@ def test_unreadable_or_missing_checkpoints_are_named_before_anything_runs(tmp_pa
                 TransferCLI(args=[sub, "--config", QUICK, "--ckpt_path", path, *NO_LOGGER])
     with pytest.raises(FileNotFoundError, match="--ckpt_path 'nope.ckpt' does not exist: pass a .ckpt written by fit"):
         TransferCLI(args=["test", "--config", QUICK, "--ckpt_path", "nope.ckpt", *NO_LOGGER])
+    # a checkpoint that does not fit the model, from the command line: the message, not a traceback
+    monkeypatch.setattr(sys, "argv", ["lightning_transfer", "test", "--config", QUICK, *NO_LOGGER,
+                                      "--data.init_args.target_classes=[5,6,7]", "--ckpt_path",
+                                      cli.trainer.checkpoint_callback.last_model_path])
+    monkeypatch.delenv("LIGHTNING_TRANSFER_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit, match="error: CheckpointMismatch: checkpoint head has 5 classes but this model has "
+                                         "num_classes=3"):
+        main()
 
 
 # ---- bad input: clear errors before the first training step ----------------------------------------------------
