@@ -253,6 +253,18 @@ def _check_flags_kept(flags: list[str], before: Any, after: Any, ckpt_path: str)
             "checkpoint trained with these settings.")
 
 
+def _plain_message(err: Exception) -> str:
+    """The error's own message: for a component built through an optional (Union) config key, jsonargparse wraps it
+    with the subtypes it tried and the whole given config; the one error that is not "Expected a NoneType" is ours."""
+    text = str(err)
+    if text.startswith("Does not validate against any of the Union subtypes") and "\nErrors:\n" in text:
+        errors = [line.strip()[2:] for line in text.split("\nErrors:\n", 1)[1].splitlines()
+                  if line.strip().startswith("- ") and "Expected a <class 'NoneType'>" not in line]
+        if len(errors) == 1:
+            return errors[0]
+    return f"{type(err).__name__}: {text}"
+
+
 def _refuse_reused_csv_version(logger: Any) -> None:
     """A CSVLogger given a ``version`` whose folder holds files deletes that run's metrics.csv when it starts (Lightning
     warns, then deletes): refuse before it is built, so nothing an earlier run wrote is lost."""
@@ -419,8 +431,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as err:
         before_training = getattr(err, "_before_training", False) or isinstance(err, CheckpointMismatch)
         if from_command_line and before_training and not os.environ.get(TRACEBACK_ENV):
-            raise SystemExit(f"error: {type(err).__name__}: {err}\n(before anything ran; set {TRACEBACK_ENV}=1 to see "
-                             "the traceback)") from None
+            raise SystemExit(f"error: {_plain_message(err)}\n(before anything ran; set {TRACEBACK_ENV}=1 to see the "
+                             "traceback)") from None
         raise
 
 

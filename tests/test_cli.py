@@ -196,3 +196,12 @@ def test_command_line_errors_before_anything_ran_show_the_message_not_a_tracebac
         main()
     with pytest.raises(ValueError, match="unknown timm model_name"):  # and always from Python (main(argv))
         main(argv[1:])
+    # a datamodule's own error, without jsonargparse's list of the Union subtypes it tried and the given config
+    monkeypatch.delenv("LIGHTNING_TRANSFER_TRACEBACK")
+    monkeypatch.setattr(sys, "argv", ["lightning_transfer", "fit", "--config", QUICK, "--data=ImageFolder",
+                                      "--data.init_args.root=/no/such/folder", *NO_LOGGER])
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    assert str(stopped.value.code).splitlines()[0] == (
+        "error: ImageFolder: no training folder at '/no/such/folder/train'; lay the data out as "
+        "/no/such/folder/train/<class>/<image> (val/ and test/ optional) or fix data.root")
