@@ -234,8 +234,11 @@ class TimmBackbone(Backbone):
             h, w = self.model.patch_embed.img_size
             cfg["input_size"] = (self.model.patch_embed.proj.in_channels, h, w)
         cfg.update(self._data_config_overrides)
-        # e.g. a 1-channel model with ImageNet's 3-channel statistics: averaged; a wrong count given is an error
-        return per_channel_stats(cfg, self._data_config_overrides, f"timm:{self.name}")
+        # e.g. a 1-channel model with ImageNet's 3-channel statistics: averaged; a wrong count given is an error, and
+        # so is an input_size whose channels the model's stem cannot take (found at the first forward otherwise)
+        stem = next((m for m in self.model.modules() if isinstance(m, nn.Conv2d)), None)
+        return per_channel_stats(cfg, self._data_config_overrides, f"timm:{self.name}",
+                                 model_channels=stem.in_channels if stem is not None else None)
 
     def export_state_dict(self) -> dict[str, Tensor]:
         return self.model.state_dict()

@@ -51,3 +51,9 @@ def test_timm_checks_data_config_when_built():
         TimmBackbone("test_vit", model_kwargs={"img_size": 32}, data_config={"std": [0.2, 0.2]})
     gray = TimmBackbone("test_vit", model_kwargs={"img_size": 32, "in_chans": 1}, data_config={"mean": [0.3]})
     assert gray.data_config()["mean"] == (0.3,) and len(gray.data_config()["std"]) == 1
+
+
+def test_timm_refuses_an_input_size_its_stem_cannot_take():
+    with pytest.raises(ValueError, match=r"\(1, 32, 32\) has 1 channels but timm:test_resnet takes 3-channel"):
+        TimmBackbone("test_resnet", data_config={"input_size": [1, 32, 32]})
+    assert TimmBackbone("test_resnet", data_config={"input_size": [3, 32, 32]}).data_config()["input_size"][0] == 3
