@@ -34,15 +34,20 @@ COLUMNS = ("strategy", "seeds", "top1_mean", "top1_std", "trainable_params", "tr
 
 
 # ---- one run ------------------------------------------------------------------------------------------------
-def strategy_config(name: str, config_dir: Path) -> Path:
+def component_config(kind: str, name: str, config_dir: Path, flag: str, examples: str) -> Path:
+    """``config_dir/<name>.yaml``, or an error naming the missing folder or file and ``flag`` (before anything runs)."""
     if not config_dir.is_dir():
-        raise SystemExit(f"bench: the strategy config folder {str(config_dir)!r} does not exist (relative paths are "
-                         "from the current folder): run from the repository root or pass --strategy-configs DIR")
+        raise SystemExit(f"bench: the {kind} config folder {str(config_dir)!r} does not exist (relative paths are "
+                         f"from the current folder): run from the repository root or pass {flag} DIR")
     path = config_dir / f"{name}.yaml"
     if not path.is_file():
-        raise SystemExit(f"bench: strategy {name!r} has no config {path}: write one (see configs/strategy/), or pass "
-                         "--strategy-configs DIR")
+        raise SystemExit(f"bench: {kind} {name!r} has no config {path}: write one (see {examples}), "
+                         f"or pass {flag} DIR")
     return path
+
+
+def strategy_config(name: str, config_dir: Path) -> Path:
+    return component_config("strategy", name, config_dir, "--strategy-configs", "configs/strategy/")
 
 
 def _environment() -> dict[str, Any]:

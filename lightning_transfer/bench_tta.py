@@ -20,12 +20,9 @@ SOURCE = "source"
 
 
 def test_time_config(name: str, config_dir: Path) -> Path:
-    path = config_dir / f"{name}.yaml"
-    if not path.is_file():
-        where = "" if config_dir.is_dir() else " (that folder does not exist; relative paths are from the current one)"
-        raise SystemExit(f"bench: test-time method {name!r} has no config {path}{where}: write one (see "
-                         "configs/test_time/), or pass --test-time-configs DIR")
-    return path
+    from lightning_transfer.bench import component_config
+
+    return component_config("test-time method", name, config_dir, "--test-time-configs", "configs/test_time/")
 
 
 def check_methods(names: list[str], config_dir: Path) -> None:
