@@ -2,7 +2,9 @@
 
 Each (strategy, seed) runs in its own subprocess (so peak RSS and CUDA peaks are per run, and one crash cannot take
 the others down), writes one JSON row under ``OUTPUT/rows/``, and is skipped when rerun with the same ``--output``.
-The rows are then aggregated into ``results.csv``, ``results.md``, ``results.json`` and ``pareto.png``.
+The rows are then aggregated into ``results.csv``, ``results.md``, ``results.json``, ``results.tex`` (LaTeX) and
+``pareto.png``. ``bench summarize`` (:mod:`lightning_transfer.bench_summary`) puts several outputs, one per dataset,
+in one strategies x datasets table.
 """
 
 from __future__ import annotations
@@ -128,8 +130,8 @@ def resolved_config(configs: list[str], overrides: list[str], seed: int, workdir
                                   parser_kwargs=PARSER_KWARGS))
 
 
-def config_changes(stored: str, expected: str) -> list[str]:
-    """``key: stored -> expected`` for every setting that differs between two resolved configs (YAML)."""
+def flat_config(text: str) -> dict[str, Any]:
+    """A resolved config (YAML) as ``{"dotted.key": value}``."""
     import yaml
 
     def flat(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -137,7 +139,12 @@ def config_changes(stored: str, expected: str) -> list[str]:
             return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}{key}.").items()}
         return {prefix[:-1]: value}
 
-    old, new = flat(yaml.safe_load(stored)), flat(yaml.safe_load(expected))
+    return flat(yaml.safe_load(text))
+
+
+def config_changes(stored: str, expected: str) -> list[str]:
+    """``key: stored -> expected`` for every setting that differs between two resolved configs (YAML)."""
+    old, new = flat_config(stored), flat_config(expected)
     return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
             if key not in _NOT_INPUTS and old.get(key) != new.get(key)]
 
@@ -255,6 +262,39 @@ def write_tables(table: list[dict[str, Any]], out: Path, omit_accuracy: bool = F
     (out / "results.md").write_text(f"{what}memory and checkpoint size in MiB (2^20 bytes; the _mb columns), "
                                     "throughput in samples/s\n\n" + "\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(table, indent=1))
+    (out / "results.tex").write_text(latex_results(table, omit_accuracy))
+
+
+_TEX_HEADER = {"top1_mean": "top-1 (%)", "trainable_params": "params (M)", "trainable_pct": "trainable (%)",
+               "checkpoint_mb": "checkpoint (MiB)", "saved_for_backward_mb": "saved for backward (MiB)",
+               "peak_rss_mb": "peak RSS (MiB)", "cuda_peak_mb": "CUDA peak (MiB)",
+               "train_samples_per_s": "train (samples/s)", "infer_samples_per_s": "inference (samples/s)"}
+
+
+def latex_results(table: list[dict[str, Any]], omit_accuracy: bool = False) -> str:
+    """``results.tex``: the table as a booktabs LaTeX table, top-1 as mean with its std, the best top-1 in bold.
+
+    Columns no row has a value for (``cuda_peak_mb`` on a CPU) are left out; the error column too."""
+    from lightning_transfer.bench_summary import accuracy_cell, best_per_column, latex_escape, latex_table, millions
+
+    keys = [k for k in _TEX_HEADER if not (omit_accuracy and k == "top1_mean")
+            and any(row.get(k) is not None for row in table)]
+    best = best_per_column([row.get("top1_mean") for row in table])
+    lines = []
+    for i, row in enumerate(table):
+        cells = [latex_escape(row["strategy"])]
+        for key in keys:
+            if key == "top1_mean":
+                cells.append(accuracy_cell(row["top1_mean"], row.get("top1_std"), best[i], latex=True))
+            elif key == "trainable_params" and row.get(key) is not None:
+                cells.append(millions(row[key]))
+            else:
+                cells.append(latex_escape(_fmt(row.get(key), key)))
+        lines.append(cells)
+    seeds = sorted({row["seeds"] for row in table if row.get("seeds")})
+    caption = ("" if omit_accuracy else f"Top-1 accuracy, mean and std over {'/'.join(map(str, seeds)) or 'no'} "
+               "seeds; ") + "memory in MiB, throughput in samples/s."
+    return latex_table(["strategy", *(_TEX_HEADER[k] for k in keys)], lines, caption)
 
 
 def plot_pareto(table: list[dict[str, Any]], path: Path) -> bool:
@@ -309,7 +349,9 @@ def _positive_int(text: str) -> int:
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m lightning_transfer bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m lightning_transfer bench", description=__doc__.splitlines()[0],
+                                epilog="python -m lightning_transfer bench summarize [LABEL=]FOLDER ... --output DIR: "
+                                "several bench outputs (one per dataset) in one strategies x datasets table")
     p.add_argument("--config", action="append", required=True, help="base config(s), composed in order")
     p.add_argument("--strategies", help="comma-separated registry names, or 'all'")
     p.add_argument("--test-time", help="comma-separated test-time methods (e.g. bn_adapt,tent,cafa) or 'all': "
@@ -480,6 +522,11 @@ def _bench_test_time(args: argparse.Namespace, out: Path, names: list[str]) -> s
 def main(argv: list[str]) -> None:
     if argv and argv[0] == "--worker":
         _worker(argv[1:])
+        return
+    if argv and argv[0] == "summarize":
+        from lightning_transfer.bench_summary import main as summarize_main
+
+        summarize_main(argv[1:])
         return
     args = parse(argv)
     if not args.strategies and not args.test_time:

@@ -103,6 +103,21 @@ def write_tta_tables(table: list[dict[str, Any]], sets: list[str], out: Path) ->
     (out / "results_tta.md").write_text("error in % per test set (corruption-severity) and their mean; mean and "
                                         "sample std over seeds\n\n" + "\n".join(lines) + "\n")
     (out / "results_tta.json").write_text(json.dumps(table, indent=1))
+    (out / "results_tta.tex").write_text(latex_tta(table, sets))
+
+
+def latex_tta(table: list[dict[str, Any]], sets: list[str]) -> str:
+    """``results_tta.tex``: error per test set and the mean (with its std over seeds), the lowest per column bold."""
+    from lightning_transfer.bench_summary import accuracy_cell, best_per_column, latex_escape, latex_table
+
+    keys = [*sets, "mean_error"]
+    bold = {key: best_per_column([row.get(key) for row in table], lowest=True) for key in keys}
+    lines = [[latex_escape(row["method"]), *(accuracy_cell(row.get(key), row.get("mean_error_std") if key ==
+                                                           "mean_error" else None, bold[key][i], latex=True)
+                                             for key in keys)] for i, row in enumerate(table)]
+    seeds = sorted({row["seeds"] for row in table if row.get("seeds")})
+    return latex_table(["method", *sets, "mean"], lines, f"Error (%) per test set and their mean (std over "
+                                                         f"{'/'.join(map(str, seeds)) or 'no'} seeds).")
 
 
 def checkpoint_identity(path: str | None) -> str | None:
