@@ -496,12 +496,28 @@ def _failures(rows: list[dict[str, Any]]) -> str | None:
            "error column and in rows/" if failed else None
 
 
-def _note_other_rows(out: Path, specs: list[dict[str, Any]]) -> None:
-    others = sorted({p.name for p in (out / "rows").glob("*.json") if not p.name.startswith("tta_")}
+def _note_other_rows(out: Path, specs: list[dict[str, Any]], test_time: bool = False) -> None:
+    """Name the rows in ``rows/`` of the same kind (strategy or test-time) this command did not ask for."""
+    others = sorted({p.name for p in (out / "rows").glob("*.json") if p.name.startswith("tta_") == test_time}
                     - {Path(s["row"]).name for s in specs})
     if others:
         print(f"bench: rows/ also holds rows this command did not ask for ({', '.join(others[:6])}"
               f"{' ...' if len(others) > 6 else ''}); they are kept, and left out of this table", flush=True)
+
+
+def _check_checkpoint(path: str) -> None:
+    """The source checkpoint exists and reads as tensors (memory-mapped: cheap for a large file), before any run."""
+    import torch
+
+    if not Path(path).is_file():
+        raise SystemExit(f"bench: --ckpt_path {path!r} does not exist: pass a .ckpt written by fit")
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # a truncated zip, a foreign file, pickled objects other than tensors
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        raise SystemExit(f"bench: cannot read --ckpt_path {path!r} ({type(err).__name__}: {first_line}): it is "
+                         "truncated or not a checkpoint written by fit (objects other than tensors are never "
+                         "unpickled here). Nothing has run.") from None
 
 
 def _bench_test_time(args: argparse.Namespace, out: Path, names: list[str]) -> str | None:
@@ -512,6 +528,7 @@ def _bench_test_time(args: argparse.Namespace, out: Path, names: list[str]) -> s
     (out / "rows").mkdir(parents=True, exist_ok=True)
     methods = list(dict.fromkeys(spec["strategy"] for spec in specs))
     rows = run_jobs(specs)
+    _note_other_rows(out, specs, test_time=True)
     table, sets = bench_tta.aggregate_tta(rows, methods)
     bench_tta.write_tta_tables(table, sets, out)
     print((out / "results_tta.md").read_text())
@@ -551,8 +568,8 @@ def main(argv: list[str]) -> None:
 
         methods = _names(args.test_time, "--test-time", TEST_TIME.names())
         bench_tta.check_methods(methods, Path(args.test_time_configs))
-        if args.ckpt_path and not Path(args.ckpt_path).is_file():
-            raise SystemExit(f"bench: --ckpt_path {args.ckpt_path!r} does not exist")
+        if args.ckpt_path:
+            _check_checkpoint(args.ckpt_path)
     failures = [_bench_test_time(args, out, methods)] if methods else []
     if names:
         specs = [{"strategy": name, "seed": seed, "configs": [*args.config, str(strategy_config(name, strategy_dir))],

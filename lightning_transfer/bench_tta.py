@@ -137,8 +137,10 @@ def jobs(methods: list[str], seeds: int, base: list[str], config_dir: Path, out:
         source_ckpt = ckpt or str(source_dir / "source.ckpt")
         for method in [SOURCE, *[m for m in methods if m != SOURCE]]:
             extra = [] if method == SOURCE else [str(test_time_config(method, config_dir))]
+            # the source row is the model without any test-time method, whatever the base config sets
+            own = [*overrides, "--model.test_time=null"] if method == SOURCE else overrides
             specs.append({"kind": "tta", "strategy": method, "seed": seed, "configs": [*base, *extra],
-                          "overrides": overrides, "workdir": str(out / "runs" / f"{method}_seed{seed}"),
+                          "overrides": own, "workdir": str(out / "runs" / f"{method}_seed{seed}"),
                           "row": str(out / "rows" / f"tta_{method}_seed{seed}.json"),
                           "ckpt": source_ckpt if (ckpt or method != SOURCE) else None,
                           "source": checkpoint_identity(ckpt),

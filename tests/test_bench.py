@@ -167,11 +167,33 @@ def test_bench_test_time_methods_error_per_corruption(tmp_path, capsys):
     capsys.readouterr()
     main(argv)
     assert "tent seed 1 done before, skipped" in capsys.readouterr().out
+    main([*argv[:3], "tent", *argv[4:]])  # only tent: bn_adapt's finished rows are kept, and named
+    printed = capsys.readouterr().out
+    assert "tta_bn_adapt_seed1.json" in printed and "left out of this table" in printed
     # the same output with a given source checkpoint: the finished rows are of another source model
     with pytest.raises(SystemExit, match=r"tta_source_seed1.json: --ckpt_path: none -> .*source.ckpt \(\d+ bytes"):
         main([*argv, "--ckpt_path", source["source_checkpoint"]])
     with pytest.raises(SystemExit, match="lists 'tent' more than once"):
         main([*argv[:3], "tent,bn_adapt,tent", *argv[4:]])
+
+
+def test_bench_test_time_source_row_runs_no_method_and_the_checkpoint_is_read_first(tmp_path):
+    from lightning_transfer import bench_tta
+    from lightning_transfer.bench import resolved_config
+
+    base = tmp_path / "tta.yaml"
+    base.write_text(TTA_BASE.replace("DATA", str(tmp_path)))
+    tent = str(REPO / "configs/test_time/tent.yaml")
+    specs = bench_tta.jobs(["bn_adapt"], 1, [str(base), tent], REPO / "configs/test_time", tmp_path / "out", [], None)
+    source = specs[0]
+    assert source["strategy"] == "source"  # a base config that sets Tent: the source row still runs none
+    assert "Tent" not in resolved_config(source["configs"], source["overrides"], 1, tmp_path)
+    truncated = tmp_path / "t.ckpt"
+    truncated.write_bytes(b"PK\x03\x04" + bytes(20))
+    with pytest.raises(SystemExit, match=r"cannot read --ckpt_path .*t\.ckpt.*Nothing has run"):
+        main(["--config", str(base), "--test-time", "tent", "--output", str(tmp_path / "out"), "--ckpt_path",
+              str(truncated), "--test-time-configs", str(REPO / "configs/test_time"), "--no-wandb"])
+    assert not (tmp_path / "out").exists()
 
 
 def test_tables_can_omit_accuracy_for_random_weight_runs(tmp_path):

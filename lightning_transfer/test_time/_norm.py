@@ -11,6 +11,7 @@ import copy
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_transfer import distributed
@@ -58,6 +59,23 @@ def use_batch_statistics(layers: list[nn.Module]) -> None:
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.track_running_stats = False
             m.train()
+
+
+def check_test_batch_size(method: TestTimeAdaptation, kind: str, datamodule: Any) -> None:
+    """BatchNorm on test-batch statistics needs several images a batch: one image is an error, few a warning."""
+    if kind != "batch":  # LayerNorm and GroupNorm normalise each sample on its own
+        return
+    size = getattr(datamodule, "batch_size", None)
+    if not isinstance(size, int):
+        return
+    name = type(method).__name__
+    if size < 2:
+        raise ValueError(f"{name} normalises BatchNorm with test-batch statistics, which one image per batch "
+                         f"(data.init_args.batch_size={size}) cannot give: set batch_size to 64 or more, as the "
+                         "published results use")
+    if size < 16:
+        rank_zero_warn(f"{name} with test batches of {size} images: BatchNorm statistics of so few images are noisy "
+                       "and accuracy drops (the published results use 64-200); compare methods at one batch size")
 
 
 def affine_parameters(layers: list[nn.Module]) -> list[nn.Parameter]:
@@ -146,14 +164,22 @@ class NormAffineAdaptation(TestTimeAdaptation):
         """The unsupervised objective on one batch: features (B, D), logits (B, C) -> scalar."""
         raise NotImplementedError
 
-    def prepare(self, module: TransferModule, datamodule: Any) -> None:
-        kind, self.layers = find_norm_layers(module, self.norm)
-        self.params = affine_parameters(self.layers)
-        if not self.params:
+    def check(self, module: TransferModule) -> None:
+        self._norm_layers(module)
+
+    def _norm_layers(self, module: TransferModule) -> tuple[str, list[nn.Module], list[nn.Parameter]]:
+        kind, layers = find_norm_layers(module, self.norm)
+        params = affine_parameters(layers)
+        if not params:
             raise ValueError(
                 f"{type(self).__name__} found no {kind}-norm layers with affine parameters in "
                 f"{type(module.backbone).__name__}: choose norm='batch' (CNNs) or 'layer' (ViTs) to match the model"
             )
+        return kind, layers, params
+
+    def prepare(self, module: TransferModule, datamodule: Any) -> None:
+        kind, self.layers, self.params = self._norm_layers(module)
+        check_test_batch_size(self, kind, datamodule)
         for part in model_modules(module).values():  # only the affine parameters receive gradients (Tent)
             part.requires_grad_(False)
         for p in self.params:

@@ -37,6 +37,12 @@ class TestTimeAdaptation(nn.Module, RecordsInitArgs):
         self.episodic = episodic
         self.reset_between_dataloaders = reset_between_dataloaders
 
+    def check(self, module: TransferModule) -> None:
+        """Raise ``ValueError`` if this method cannot work on ``module`` (e.g. BNAdapt on a model without BatchNorm).
+
+        Cheap and side-effect free: the module calls it when it is built, so a wrong pairing fails before any data
+        is prepared or any checkpoint loaded; :meth:`prepare` calls it again."""
+
     def prepare(self, module: TransferModule, datamodule: Any) -> None:
         """Once, before testing: configure the model, collect statistics, save the state to reset to."""
 

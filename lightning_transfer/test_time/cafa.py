@@ -159,7 +159,25 @@ class CAFA(NormAffineAdaptation):
             self.set_statistics(*self.source_statistics(module, datamodule))
             if self.statistics_path:
                 self._save_statistics(self.statistics_path)
+        self._check_statistics(module)
         super().prepare(module, datamodule)
+
+    def _check_statistics(self, module: TransferModule) -> None:
+        """The statistics must be of this model's classes and head features (a statistics file of another model
+        would fail mid-test, or align features to the wrong classes)."""
+        classes, dim = self.class_means.shape
+        expected_dim = getattr(module.head, "in_features", dim)
+        expected_classes = module.num_classes or classes
+        covs = tuple(self.class_covariances.shape)
+        want_covs = (1 if self.covariance == "tied" else expected_classes, expected_dim, expected_dim)
+        if (classes, dim) != (expected_classes, expected_dim) or covs != want_covs:
+            where = f"statistics_path {self.statistics_path!r}" if self.statistics_path else "the loaded statistics"
+            raise ValueError(
+                f"CAFA: {where} hold{'s' if self.statistics_path else ''} means of {classes} classes x {dim} features "
+                f"and covariances {covs}, but this model has {expected_classes} classes, {expected_dim} head features "
+                f"and covariance={self.covariance!r} (covariances {want_covs}): they were computed for another model; "
+                "delete the file (it is recomputed from the source data) or point statistics_path to this model's"
+            )
 
     def set_statistics(self, means: Tensor, covariances: Tensor, counts: Tensor) -> None:
         """Install source statistics: means (C, D), covariances (C or 1, D, D), counts (C,)."""
@@ -209,7 +227,14 @@ class CAFA(NormAffineAdaptation):
             return datamodule.train_dataloader()
         except RuntimeError:  # not set up for the training split yet
             datamodule.setup("fit")
+        try:
             return datamodule.train_dataloader()
+        except RuntimeError as err:  # this datamodule has no training split (e.g. corruption sets without one)
+            raise ValueError(
+                f"CAFA needs source class statistics, but {type(datamodule).__name__} has no training split ({err}): "
+                "test with a datamodule that has one, pass statistics_path= of a saved statistics file, or load a "
+                "checkpoint saved after a CAFA test"
+            ) from None
 
     def _source_batches(self, loader: Any) -> Any:
         """This process's share of a fixed shuffled order of the source batches (all of them in one process)."""
@@ -248,7 +273,12 @@ class CAFA(NormAffineAdaptation):
     def _load_statistics(self, path: str) -> None:
         from safetensors.torch import load_file
 
-        state = load_file(path)
+        try:
+            state = load_file(path)
+        except Exception as err:  # safetensors raises its own error type for a truncated or foreign file
+            raise ValueError(f"statistics_path {path!r} cannot be read ({type(err).__name__}: {err}): it is not a "
+                             "safetensors file of CAFA statistics; delete it to recompute from the source data"
+                             ) from None
         missing = [n for n in _STATS if n not in state]
         if missing:
             raise ValueError(f"statistics_path {path!r} lacks {missing}: delete it to recompute from the source data")

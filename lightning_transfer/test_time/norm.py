@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from lightning_transfer import distributed
 from lightning_transfer.registry import register_test_time
-from lightning_transfer.test_time._norm import find_norm_layers, use_batch_statistics
+from lightning_transfer.test_time._norm import check_test_batch_size, find_norm_layers, use_batch_statistics
 from lightning_transfer.test_time.base import TestTimeAdaptation
 
 if TYPE_CHECKING:
@@ -35,13 +35,22 @@ class BNAdapt(TestTimeAdaptation):
         super().__init__(episodic, reset_between_dataloaders)
         self.layers: list[nn.Module] = []
 
-    def prepare(self, module: TransferModule, datamodule: Any) -> None:
-        kind, self.layers = find_norm_layers(module, "batch")
-        if not self.layers:
+    def check(self, module: TransferModule) -> None:
+        self._batch_norms(module)
+
+    @staticmethod
+    def _batch_norms(module: TransferModule) -> list[nn.Module]:
+        _, layers = find_norm_layers(module, "batch")
+        if not layers:
             raise ValueError(
                 f"BNAdapt needs BatchNorm layers but {type(module.backbone).__name__} has none (LayerNorm already "
                 "normalises each sample on its own): use Tent, which adapts LayerNorm affine parameters on ViTs"
             )
+        return layers
+
+    def prepare(self, module: TransferModule, datamodule: Any) -> None:
+        self.layers = self._batch_norms(module)
+        check_test_batch_size(self, "batch", datamodule)
         use_batch_statistics(self.layers)
 
     def adapt(self, module: TransferModule, batch: Any) -> Tensor:

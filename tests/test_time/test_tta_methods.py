@@ -293,6 +293,71 @@ def test_cafa_statistics_path_is_written_then_read_without_source(tmp_path):
     torch.testing.assert_close(second.class_covariances, first.class_covariances, atol=0, rtol=0)
 
 
+def test_check_refuses_a_method_the_model_cannot_take_without_touching_it():
+    module = _model(None, backbone=tiny_vit())
+    with pytest.raises(ValueError, match="use Tent"):
+        BNAdapt().check(module)
+    with pytest.raises(ValueError, match="no group-norm layers"):
+        Tent(norm="group").check(module)
+    Tent().check(module)  # LayerNorm on a ViT: fine
+    assert all(p.requires_grad for p in module.head.parameters())  # check() changed nothing
+
+
+@pytest.mark.parametrize("method", [BNAdapt, Tent, CAFA])
+def test_batch_norm_methods_refuse_one_image_test_batches(method):
+    instance = method()
+    module = _model(instance)
+    source = _Source()
+    source.batch_size = 1
+    with pytest.raises(ValueError, match=r"data.init_args.batch_size=1"):
+        instance.prepare(module, source)
+    source.batch_size = 8
+    with pytest.warns(UserWarning, match="test batches of 8 images"):
+        method().prepare(_model(instance), source)
+
+
+def test_layer_norm_methods_take_one_image_test_batches():
+    source = _Source(size=(1, 8, 8))
+    source.batch_size = 1
+    method = Tent()
+    method.prepare(_model(method, backbone=tiny_vit()), source)  # LayerNorm normalises each image on its own
+    assert method.layers
+
+
+def test_cafa_statistics_of_another_model_are_refused_by_name(tmp_path):
+    path = str(tmp_path / "stats.safetensors")
+    first = CAFA(statistics_path=path)
+    first.prepare(_model(first), _Source())
+    other = CAFA(statistics_path=path)
+    torch.manual_seed(0)
+    module = TransferModule(tiny_cnn(), FullFinetune(), num_classes=NUM_CLASSES + 2, test_time=other).eval()
+    with pytest.raises(ValueError, match=rf"means of {NUM_CLASSES} classes .* this model has {NUM_CLASSES + 2} "
+                                         "classes.*delete the file"):
+        other.prepare(module, None)
+    tied = CAFA(covariance="tied", statistics_path=path)  # per-class covariances where one pooled one is asked for
+    with pytest.raises(ValueError, match="covariance='tied'"):
+        tied.prepare(_model(tied), None)
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
+    junk = CAFA(statistics_path=str(tmp_path / "junk.safetensors"))
+    with pytest.raises(ValueError, match="junk.safetensors' cannot be read.*delete it"):
+        junk.prepare(_model(junk), None)
+
+
+def test_cafa_on_a_datamodule_without_training_split_says_what_to_do():
+    class NoTrain:
+        batch_size = 32
+
+        def train_dataloader(self):
+            raise RuntimeError("NpzImages has no 'train' split (call setup first)")
+
+        def setup(self, stage):
+            pass
+
+    method = CAFA()
+    with pytest.raises(ValueError, match="NoTrain has no training split.*statistics_path="):
+        method.prepare(_model(method), NoTrain())
+
+
 # ---- composition with trained models of every kind ------------------------------------------------------------
 def _compositions():
     cases = [("full", {}, "cnn"), ("linear_probe", {}, "cnn"), ("partial_freeze", {"num_frozen_blocks": 2}, "cnn")]
