@@ -23,22 +23,32 @@ def default_data_dir() -> str:
 
 
 def fewshot_indices(
-    labels: Sequence[int] | np.ndarray, num_shots: int, seed: int, exclude: Sequence[int] = ()
+    labels: Sequence[int] | np.ndarray, num_shots: int, seed: int, exclude: Sequence[int] = (), strict: bool = True,
+    class_names: Sequence[str] | None = None,
 ) -> list[int]:
-    """``num_shots`` indices per class drawn without replacement with ``seed`` (all of a class if it has fewer).
+    """``num_shots`` indices per class drawn without replacement with ``seed``.
 
-    Same labels and seed -> same indices, on every platform (numpy's PCG64 stream is stable).
+    With ``strict`` (the K-shot training draw) a class with fewer than ``num_shots`` images (after ``exclude``) is a
+    ValueError naming it (by ``class_names`` when given) and its count; without, it gives all it has ("up to K": the
+    ``min(K, 4)`` validation draw, ImageNet-C's ``images_per_class``). Same labels and seed -> same indices, on every
+    platform (numpy's PCG64 stream is stable).
     """
     if num_shots < 1:
         raise ValueError(f"num_shots must be >= 1, got {num_shots}")
     label_array = np.asarray(labels)
     excluded = set(int(i) for i in exclude)
+    pools = {int(c): np.array([i for i in np.flatnonzero(label_array == c) if int(i) not in excluded], dtype=np.int64)
+             for c in np.unique(label_array)}
+    short = {c: len(pool) for c, pool in pools.items() if len(pool) < num_shots}
+    if strict and short:  # silently taking fewer would give a K-shot run with fewer shots in some classes
+        counts = ", ".join((f"{class_names[c]!r}" if class_names is not None else f"class {c}") + f" ({n} images)"
+                           for c, n in list(short.items())[:10]) + (", ..." if len(short) > 10 else "")
+        raise ValueError(f"num_shots={num_shots} but {len(short)} class(es) have fewer images: {counts}; lower "
+                         f"data.init_args.num_shots to at most {min(short.values())}")
     rng = np.random.default_rng(seed)
     chosen: list[int] = []
-    for c in np.unique(label_array):
-        pool = np.array([i for i in np.flatnonzero(label_array == c) if int(i) not in excluded], dtype=np.int64)
-        take = min(num_shots, len(pool))
-        chosen.extend(int(i) for i in rng.choice(pool, size=take, replace=False))
+    for pool in pools.values():
+        chosen.extend(int(i) for i in rng.choice(pool, size=min(num_shots, len(pool)), replace=False))
     return sorted(chosen)
 
 
@@ -61,17 +71,43 @@ def split_digest(splits: Mapping[str, Sequence[Any]]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def cached_split(path: Path, make: Any) -> dict[str, list]:
-    """Read the split lists at ``path``; create them with ``make()`` and write them the first time."""
+def cached_split(path: Path, make: Any, keys: Sequence[str] = (), num_items: int | None = None) -> dict[str, list]:
+    """Read the split lists at ``path``; create them with ``make()`` and write them the first time.
+
+    A cache that is not valid JSON, lacks one of ``keys`` or lists an index outside ``[0, num_items)`` (a crash
+    mid-write, a hand edit, a dataset that changed) fails naming the file: deleting it redraws the split.
+    """
     if path.is_file():
-        with open(path) as f:
-            return json.load(f)
+        return _read_split_cache(path, keys, num_items)
     splits = make()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     with open(tmp, "w") as f:
         json.dump(splits, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename: a power cut never leaves a renamed, empty file
     os.replace(tmp, path)  # atomic: a concurrent run never reads a half-written file
+    return splits
+
+
+def _read_split_cache(path: Path, keys: Sequence[str], num_items: int | None) -> dict[str, list]:
+    def bad(problem: str) -> ValueError:
+        return ValueError(f"split cache {path} is {problem}; delete it to redraw the split (same seed, same split)")
+
+    try:
+        splits = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad(f"not valid JSON ({e})") from e
+    if not isinstance(splits, dict) or not all(isinstance(v, list) for v in splits.values()):
+        raise bad("not a JSON object of lists")
+    missing = [k for k in keys if k not in splits]
+    if missing:
+        raise ValueError(f"split cache {path} lacks the split(s) {', '.join(missing)}; delete it to redraw the split")
+    if num_items is not None:
+        for name, indices in splits.items():
+            out = [i for i in indices if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_items]
+            if out:
+                raise bad(f"stale: its {name!r} list has index {out[0]!r} outside 0..{num_items - 1}")
     return splits
 
 

@@ -68,6 +68,7 @@ class CIFARDataModule(FileListDataModule):
     tv_class: ClassVar[str] = ""
     names: ClassVar[list[str]] = []
     variant = "torchvision"
+    files_on_disk = False  # samples are "<split>/<index>" ids into the arrays
 
     def __init__(
         self,

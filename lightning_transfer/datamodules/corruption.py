@@ -308,13 +308,16 @@ def load_corrupted_npy(root: str | Path, name: str, severity: int, num_images: i
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path} not found: download CIFAR-10-C (https://zenodo.org/record/2535967) or CIFAR-100-C "
-                "(https://zenodo.org/record/3555552), extract it and pass its folder as data_dir"
+                "(https://zenodo.org/record/3555552), extract it and pass its folder as corrupted_dir (absolute or "
+                "relative to data_dir)"
             )
     images = np.load(images_path, mmap_mode="r", allow_pickle=False)
     labels = np.load(labels_path, allow_pickle=False)
     if len(images) != 5 * num_images or len(labels) != len(images):
         raise ValueError(f"{images_path} has {len(images)} images and {len(labels)} labels; expected "
-                         f"{5 * num_images} of each (5 severities x num_images={num_images})")
+                         f"{5 * num_images} of each (5 severities x num_images={num_images}, the size of test_file); "
+                         "for the official release (10,000 images per severity) set test_file: null, which takes the "
+                         "images and labels from the release alone")
     block = slice((severity - 1) * num_images, severity * num_images)
     return np.asarray(images[block]), np.asarray(labels[block]).astype(np.int64)
 
@@ -388,7 +391,8 @@ class NpzImages(TransferDataModule):
         corruptions: CIFAR-10-C corruption names (``["all"]`` for the 15); ``None`` tests on clean images.
         severities: severities 1-5 to test each corruption at (``None``: ``[5]``).
         corruption_seed: seed of the on-the-fly corruptions.
-        corrupted_dir: folder of the official ``<corruption>.npy`` + ``labels.npy`` files to use instead.
+        corrupted_dir: folder of the official ``<corruption>.npy`` + ``labels.npy`` files to use instead; a
+            relative path is relative to ``data_dir``, like ``train_file`` and ``test_file``.
         val_fraction: fraction of each training class held out for validation.
         class_names: class names (default: CIFAR-10's when there are 10 classes, else "0", "1", ...).
         **kwargs: see :class:`TransferDataModule` (batch_size, num_workers, num_shots, seed, data_config).
@@ -451,8 +455,12 @@ class NpzImages(TransferDataModule):
         n = int(y.max()) + 1
         return CIFAR10_CLASSES if n == 10 else [str(i) for i in range(n)]
 
+    def _corrupted_root(self) -> Path:
+        """``corrupted_dir``, relative to ``data_dir`` unless absolute (the working directory never matters)."""
+        return self.data_dir / Path(str(self.corrupted_dir)).expanduser()  # an absolute right side replaces data_dir
+
     def _released_labels(self) -> np.ndarray:
-        path = Path(str(self.corrupted_dir)).expanduser() / "labels.npy"
+        path = self._corrupted_root() / "labels.npy"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: download CIFAR-10-C (https://zenodo.org/record/2535967) or "
                                     "CIFAR-100-C (https://zenodo.org/record/3555552) and pass its folder as "
@@ -462,7 +470,7 @@ class NpzImages(TransferDataModule):
     def _test_images(self, x: np.ndarray | None, y: np.ndarray | None) -> list[tuple[np.ndarray, np.ndarray]]:
         if x is None or y is None:  # only the released files: 5 severities of num_images each
             num_images = len(self._released_labels()) // 5
-            return [load_corrupted_npy(str(self.corrupted_dir), name, severity, num_images=num_images)
+            return [load_corrupted_npy(self._corrupted_root(), name, severity, num_images=num_images)
                     for name in self.corruptions for severity in self.severities]
         if not self.corruptions:
             return [(x, y)]
@@ -470,7 +478,7 @@ class NpzImages(TransferDataModule):
         for name in self.corruptions:
             for severity in self.severities:
                 if self.corrupted_dir is not None:
-                    sets.append(load_corrupted_npy(self.corrupted_dir, name, severity, num_images=len(x)))
+                    sets.append(load_corrupted_npy(self._corrupted_root(), name, severity, num_images=len(x)))
                 else:
                     sets.append((np.stack([corrupt(img, name, severity, self.corruption_seed) for img in x]), y))
         return sets

@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 from typing import Any
 
-from lightning_transfer.datamodules.files import FileListDataModule, Sample
+from lightning_transfer.datamodules.files import IMAGE_EXTENSIONS, FileListDataModule, Sample
 from lightning_transfer.registry import register_datamodule
 
 SPLITS = ("train", "val", "test")
+INDEX = re.compile(r"-?\d+")  # a class index; "-1" too, so that the range check rejects it
+# header cells (lower case): a first row whose path cell is one of these, or whose label cell is one of these while its
+# path cell names no image file, is a header, not an image of class "label"
+PATH_HEADERS = ("path", "file", "filepath", "file_path", "filename", "file_name", "image", "image_path", "img",
+                "img_path")
+LABEL_HEADERS = ("label", "labels", "class", "class_name", "classname", "target", "category", "y")
+
+
+def _is_header(cells: list[str]) -> bool:
+    path, label = (cells + ["", ""])[:2]
+    if path.lower() in PATH_HEADERS:
+        return True
+    return label.lower() in LABEL_HEADERS and not path.lower().endswith(IMAGE_EXTENSIONS)
 
 
 @register_datamodule("csv")
@@ -18,9 +32,10 @@ class CSVImages(FileListDataModule):
 
     Paths are relative to ``image_root`` (default: the CSV file's folder) unless absolute. Labels are class indices
     (``0..n-1``) or class names: with ``class_names`` given, a name is looked up in it; without, names are sorted
-    into the classes, and integer labels give classes ``"0"`` to the largest label. The split column holds
-    ``train``, ``val`` or ``test``; rows without one are training rows. Without validation rows ``val_fraction`` of
-    every training class is held out; without test rows the validation set is the test set.
+    into the classes, and integer labels give classes ``"0"`` to the largest label (a negative one such as ``-1``
+    fails the range check, naming the image); a file mixing integer labels and names is an error. The split column
+    holds ``train``, ``val`` or ``test``; rows without one are training rows. Without validation rows
+    ``val_fraction`` of every training class is held out; without test rows the validation set is the test set.
 
     Args:
         csv_file: the CSV file.
@@ -54,6 +69,7 @@ class CSVImages(FileListDataModule):
         self._class_names = list(class_names) if class_names is not None else None
         self._rows: list[tuple[int, str, str, str]] | None = None
         self.variant = f"csv:{self.csv_file.name}"
+        self.listed_in = str(self.csv_file)
 
     def rows(self) -> list[tuple[int, str, str, str]]:
         """(line number, path, label, split) of every data row; a malformed row fails naming file and line."""
@@ -61,11 +77,11 @@ class CSVImages(FileListDataModule):
             if not self.csv_file.is_file():
                 raise FileNotFoundError(f"CSV file {self.csv_file} not found: write one 'path,label[,split]' row per "
                                         "image, or fix data.init_args.csv_file")
-            rows = []
-            with open(self.csv_file, newline="") as f:
+            rows: list[tuple[int, str, str, str]] = []
+            with open(self.csv_file, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
                 for number, row in enumerate(csv.reader(f), start=1):
                     cells = [c.strip() for c in row]
-                    if not any(cells) or (number == 1 and cells[0].lower() in ("path", "file", "filename", "image")):
+                    if not any(cells) or (not rows and _is_header(cells)):
                         continue  # blank line or header
                     if len(cells) not in (2, 3) or not cells[0] or not cells[1]:
                         raise ValueError(f"{self.csv_file}:{number}: expected 'path,label[,split]', got {row}")
@@ -81,17 +97,23 @@ class CSVImages(FileListDataModule):
     @property
     def class_names(self) -> list[str]:
         if self._class_names is None:
-            labels = {label for _, _, label, _ in self.rows()}
-            if all(label.isdigit() for label in labels):
-                self._class_names = [str(i) for i in range(max(int(label) for label in labels) + 1)]
+            rows = self.rows()
+            indices = [(n, label) for n, _, label, _ in rows if INDEX.fullmatch(label)]
+            names = [(n, label) for n, _, label, _ in rows if not INDEX.fullmatch(label)]
+            if indices and names:  # one typo would otherwise turn every index into a name and shift the classes
+                raise ValueError(f"{self.csv_file} mixes integer labels (line {indices[0][0]}: {indices[0][1]!r}) and "
+                                 f"class names (line {names[0][0]}: {names[0][1]!r}): use one kind in every row, or "
+                                 "pass data.init_args.class_names")
+            if indices:
+                self._class_names = [str(i) for i in range(max(int(label) for _, label in indices) + 1)]
             else:
-                self._class_names = sorted(labels)
+                self._class_names = sorted({label for _, label in names})
         return list(self._class_names)
 
     def _label(self, number: int, label: str, index: dict[str, int]) -> int:
         if label in index:
             return index[label]
-        if label.lstrip("-").isdigit():
+        if INDEX.fullmatch(label):
             return int(label)  # an index: the base checks the range and names the file
         raise ValueError(f"{self.csv_file}:{number}: label {label!r} is not a class name ({len(index)} classes: "
                          f"{', '.join(list(index)[:10])}{', ...' if len(index) > 10 else ''}) nor an index")

@@ -207,8 +207,9 @@ class DigitDomains(TransferDataModule):
         (train_x, train_y, train_fmt), (test_x, test_y, test_fmt) = loaded["train"], loaded["test"]
         rest, held = stratified_split(train_y, self.val_fraction, seed=0)
         if self.num_shots is not None:
-            rest = [rest[i] for i in fewshot_indices(train_y[rest], self.num_shots, self.seed)]
-            held = [held[i] for i in fewshot_indices(train_y[held], min(self.num_shots, 4), self.seed)]
+            rest = [rest[i] for i in fewshot_indices(train_y[rest], self.num_shots, self.seed,
+                                                     class_names=self.class_names)]
+            held = [held[i] for i in fewshot_indices(train_y[held], min(self.num_shots, 4), self.seed, strict=False)]
         self.splits = {"train": rest, "val": held, "test": list(range(len(test_y)))}
         self.variant = f"{self.source}[{train_fmt}]->{self.target or self.source}[{test_fmt}]"
         cfg = self.data_config()

@@ -77,9 +77,13 @@ class Digits(TransferDataModule):
         pool, test = stratified_split(labels, 0.3, seed=0)  # the test set never depends on the run's seed
         pool_labels = labels[pool]
         if self.num_shots is not None:  # checked >= 1 at construction; 0 must never read as "all"
-            train = [pool[i] for i in fewshot_indices(pool_labels, self.num_shots, self.seed)]
+            train = [pool[i] for i in fewshot_indices(pool_labels, self.num_shots, self.seed,
+                                                       class_names=self.class_names)]
             val = [pool[i] for i in fewshot_indices(pool_labels, min(self.num_shots, 4), self.seed + 10_000,
-                                                     exclude=[pool.index(t) for t in train])]
+                                                     exclude=[pool.index(t) for t in train], strict=False)]
+            if not val:
+                raise ValueError(f"num_shots={self.num_shots} takes every image of the training pool and leaves no "
+                                 "validation images: lower data.init_args.num_shots")
         else:
             rest, held = stratified_split(pool_labels, 0.15, seed=self.seed)
             train, val = [pool[i] for i in rest], [pool[i] for i in held]
@@ -98,7 +102,7 @@ class Digits(TransferDataModule):
         shots = "all" if self.num_shots is None else f"{self.num_shots}shot"
         classes = "-".join(map(str, self.classes))
         path = self.data_dir / "splits" / f"digits_{classes}_{shots}_seed{self.seed}.json"
-        self.splits = cached_split(path, lambda: self._make_splits(labels))
+        self.splits = cached_split(path, lambda: self._make_splits(labels), ("train", "val", "test"), len(labels))
         x = images_to_tensor(images, self.data_config())
         y = torch.as_tensor(labels, dtype=torch.long)
         self.datasets = {split: TensorDataset(x[idx], y[idx]) for split, idx in self.splits.items()}

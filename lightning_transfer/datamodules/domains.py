@@ -179,6 +179,8 @@ class DomainNet(DomainFolder):
             return super().load_samples()
         self.variant = f"{'+'.join(self.sources)}->{self.target or 'source-test'}/official"
         tests = [self.target] if self.target else self.sources
+        self.listed_in = ", ".join(str(self._official(d, s)) for d, s in
+                                   [*((d, "train") for d in self.sources), *((d, "test") for d in tests)])
         splits = {"train": [s for d in self.sources for s in read_split_list(self._official(d, "train"), self.root)],
                   "test": [s for d in tests for s in read_split_list(self._official(d, "test"), self.root)]}
         names = self.class_names

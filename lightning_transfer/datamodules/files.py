@@ -25,14 +25,25 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 
 
 def read_image(path: str | Path) -> Image.Image:
-    """Open an image as RGB; a missing or corrupt file raises an error that names it."""
+    """Open an image as RGB; a missing or corrupt file raises an error that names it.
+
+    16-bit (and 32-bit integer) grayscale images are scaled to 8 bits (``value / 257``): PIL's ``convert("RGB")``
+    clips them at 255, which turns nearly every pixel white. Floating-point images have no agreed range: an error.
+    """
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            mode = img.mode
+            if mode.startswith("I"):  # "I;16", "I;16B", ... and "I" (how some Pillow versions open 16-bit PNGs)
+                pixels = np.asarray(img, dtype=np.float64) / 257.0  # 0..65535 -> 0..255
+                return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8)).convert("RGB")
+            if mode != "F":
+                return img.convert("RGB")
     except FileNotFoundError:
         raise FileNotFoundError(f"image file {str(path)!r} not found (listed in the split, missing on disk)") from None
     except Exception as e:  # PIL raises several types for truncated or non-image files
         raise RuntimeError(f"cannot read image {str(path)!r}: {e}; re-download or remove it from the split") from e
+    raise RuntimeError(f"cannot read image {str(path)!r}: PIL mode 'F' (floating point) has no known range; convert "
+                       "it to an 8-bit (or 16-bit integer) image")
 
 
 def check_labels(samples: Sequence[Sample], num_classes: int, source: str) -> None:
@@ -41,6 +52,16 @@ def check_labels(samples: Sequence[Sample], num_classes: int, source: str) -> No
         if not 0 <= int(label) < num_classes:
             raise ValueError(f"{source}: label {label} of {path!r} is outside the {num_classes} classes "
                              f"(0..{num_classes - 1}); fix the split file or the class list")
+
+
+def check_files_exist(samples: dict[str, list[Sample]], listed_in: str) -> None:
+    """Every listed image must exist (a stat each): otherwise the run would fail mid-epoch, after training started."""
+    paths = list(dict.fromkeys(p for rows in samples.values() for p, _ in rows))
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(paths)} images listed in {listed_in} are missing on disk: "
+                                f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}; restore them "
+                                "(re-download or re-extract the dataset) or remove their lines from the list")
 
 
 def read_split_list(path: Path, root: Path) -> list[Sample]:
@@ -160,11 +181,12 @@ class FileListDataModule(TransferDataModule):
 
     Subclasses implement :meth:`load_samples` (``{"train": [...], "val": [...], "test": [...]}`` of
     ``(path, label)``; ``val`` and ``test`` may be missing) and :attr:`class_names`, and may set :attr:`variant`
-    (the protocol's name, logged with the split hash) and :attr:`direct_resize` (evaluate, and cache, with a plain
-    resize to ``input_size`` instead of timm's resize + centre crop). Without a ``val`` list, ``val_fraction`` of
-    every training class (fixed seed 0) is held out; without ``test``, validation doubles as test. With
-    ``num_shots`` the training set has K images per class (drawn with ``seed``) and validation ``min(K, 4)`` per
-    class, as in CoOp.
+    (the protocol's name, logged with the split hash), :attr:`listed_in` (the list files, named when a listed
+    image is missing on disk: every listed image is checked in ``setup``) and :attr:`direct_resize` (evaluate, and
+    cache, with a plain resize to ``input_size`` instead of timm's resize + centre crop). Without a ``val`` list,
+    ``val_fraction`` of every training class (fixed seed 0) is held out; without ``test``, the whole validation set
+    doubles as test. With ``num_shots`` the training set has K images per class (drawn with ``seed``; a class with
+    fewer is an error) and validation ``min(K, 4)`` per class, as in CoOp (the test set is taken before this draw).
 
     Args:
         augment: timm's random-resized-crop + flip on the training set (flip only with ``cache_images``).
@@ -175,6 +197,8 @@ class FileListDataModule(TransferDataModule):
 
     variant: str = ""
     direct_resize: bool = False
+    listed_in: str = ""  # the list file(s) the samples come from, named when a listed image is missing
+    files_on_disk: bool = True  # False where the sample paths are ids into arrays in memory (CIFAR)
 
     def __init__(
         self,
@@ -204,10 +228,12 @@ class FileListDataModule(TransferDataModule):
         if not val:
             rest, held = stratified_split([y for _, y in train], self.val_fraction, seed=0)
             train, val = [train[i] for i in rest], [train[i] for i in held]
+        test = list(raw.get("test") or val)  # before the K-shot draw: the test set stays whole
         if self.num_shots is not None:
-            train = [train[i] for i in fewshot_indices([y for _, y in train], self.num_shots, self.seed)]
-            val = [val[i] for i in fewshot_indices([y for _, y in val], min(self.num_shots, 4), self.seed)]
-        test = list(raw.get("test") or val)
+            train = [train[i] for i in fewshot_indices([y for _, y in train], self.num_shots, self.seed,
+                                                       class_names=self.class_names)]
+            val = [val[i] for i in fewshot_indices([y for _, y in val], min(self.num_shots, 4), self.seed,
+                                                   strict=False)]  # "up to 4" per class, as in CoOp
         return {"train": train, "val": val, "test": test}
 
     def _dataset(self, samples: list[Sample], training: bool) -> Dataset:
@@ -227,6 +253,8 @@ class FileListDataModule(TransferDataModule):
         self.samples = self._resolve_splits(self.load_samples())
         for split, samples in self.samples.items():
             check_labels(samples, len(names), f"{type(self).__name__} {split} split")
+        if self.files_on_disk:
+            check_files_exist(self.samples, self.listed_in or f"{type(self).__name__}'s split lists")
         self.splits = {k: [p for p, _ in v] for k, v in self.samples.items()}
         same_test = self.samples["test"] is self.samples["val"] or self.samples["test"] == self.samples["val"]
         self.datasets = {"train": self._dataset(self.samples["train"], True),

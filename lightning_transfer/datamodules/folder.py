@@ -15,6 +15,7 @@ from lightning_transfer.datamodules.base import (
     split_digest,
     stratified_split,
 )
+from lightning_transfer.datamodules.files import read_image
 from lightning_transfer.registry import register_datamodule
 
 
@@ -68,7 +69,8 @@ class ImageFolder(TransferDataModule):
         return list(self._class_names)
 
     def _folder(self, split: str, transform: Any) -> _TorchvisionImageFolder:
-        ds = _TorchvisionImageFolder(str(self.root / split), transform=transform)
+        # our loader names the file on a decode error (torchvision's raises PIL's error, often without the path)
+        ds = _TorchvisionImageFolder(str(self.root / split), transform=transform, loader=read_image)
         if ds.classes != self._class_names:
             raise ValueError(
                 f"ImageFolder: classes of {split}/ {ds.classes} differ from train/ {self._class_names}; every split "
@@ -88,13 +90,15 @@ class ImageFolder(TransferDataModule):
         def make() -> dict[str, list]:
             pool, held = (list(range(len(labels))), []) if has_val else stratified_split(labels, 0.1, seed=0)
             if self.num_shots is not None:
-                pool = [pool[i] for i in fewshot_indices([labels[i] for i in pool], self.num_shots, self.seed)]
+                pool = [pool[i] for i in fewshot_indices([labels[i] for i in pool], self.num_shots, self.seed,
+                                                         class_names=train_full.classes)]
             return {"train": pool, "val": held}
 
         tag = "all" if self.num_shots is None else f"{self.num_shots}shot_seed{self.seed}"
         # the file list's digest names the cache, so changed folder contents never reuse a stale split
         files = split_digest({"files": [p for p, _ in train_full.samples], "val": [str(has_val)]})
-        self.splits = cached_split(self.data_dir / "splits" / f"folder_{self.root.name}_{files}_{tag}.json", make)
+        self.splits = cached_split(self.data_dir / "splits" / f"folder_{self.root.name}_{files}_{tag}.json", make,
+                                   ("train", "val"), len(labels))
         self.datasets["train"] = Subset(train_full, self.splits["train"])
         self.datasets["val"] = (self._folder("val", eval_tf) if has_val
                                 else Subset(self._folder("train", eval_tf), self.splits["val"]))

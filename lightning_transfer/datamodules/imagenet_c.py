@@ -129,7 +129,7 @@ class ImageNetC(FileListDataModule):
             samples = self._folder_samples(self._set_dir(name))
             if self.images_per_class is not None:  # same seed and same sorted files: the same images in every set
                 samples = [samples[i] for i in fewshot_indices([y for _, y in samples], self.images_per_class,
-                                                               self.seed)]
+                                                               self.seed, strict=False)]  # "up to" per class
             self.samples[f"test/{name}"] = samples
         for split, samples in self.samples.items():
             check_labels(samples, len(self.class_names), f"ImageNetC {split}")

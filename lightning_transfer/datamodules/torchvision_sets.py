@@ -138,7 +138,7 @@ class BenchmarkDataModule(FileListDataModule):
                 f"{type(self).__name__}: CoOp split file not found (looked at {', '.join(map(str, candidates))}); "
                 f"download split_zhou_{self.coop_split}.json (links in {coop.COOP_DATASETS_URL}) into "
                 f"{self.data_dir / self.coop_dir}, pass data.split_file=<path>, or use data.protocol=torchvision")
-        self.variant = f"coop:{found[0].name}"
+        self.variant, self.listed_in = f"coop:{found[0].name}", str(found[0])
         return coop.read_coop_split(found[0], self.root)
 
     def _missing(self) -> FileNotFoundError:
@@ -256,6 +256,7 @@ class FGVCAircraft(BenchmarkDataModule):
     def _read_coop(self) -> tuple[list[str], dict[str, list[Sample]]]:
         folder = self._dataset_folder()
         self.root, self.variant = folder / self.images, "coop:images_variant"
+        self.listed_in = str(folder / "images_variant_{train,val,test}.txt")
         return coop.read_fgvc_variants(folder)
 
 

@@ -142,6 +142,7 @@ class VTAB1k(FileListDataModule):
         _, h, w = cfg["input_size"]
         self.variant = (f"vtab1k/{self.task_name}/{self.mode}/{self.resize}{h}x{w}/"
                         f"{cfg.get('interpolation', 'bilinear')}{'/augment' if self.augment else ''}")
+        self.listed_in = f"{train_list}, {eval_list}"
         evaluation = read_split_list(eval_list, self.root)
         return {"train": read_split_list(train_list, self.root), "val": evaluation, "test": evaluation}
 

@@ -167,3 +167,19 @@ def test_shared_cifar_subsets_load(shared_data):
     assert len(dm.test_sets[0]) == 1000 and len(dm.datasets["train"]) + len(dm.datasets["val"]) == 1000
     assert 90 <= len(dm.datasets["val"]) <= 110  # 10% of each class, rounded per class
     assert torch.bincount(dm.test_sets[0].tensors[1]).tolist() == [103, 89, 100, 103, 90, 86, 112, 102, 106, 109]
+
+
+def test_relative_corrupted_dir_is_read_from_data_dir_and_errors_name_the_option(tmp_path, monkeypatch):
+    (tmp_path / "data" / "CIFAR-100-C").mkdir(parents=True)
+    images, _ = _write_cifar_c(tmp_path / "data" / "CIFAR-100-C", n=4)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the working directory must not matter, as for train_file/test_file
+    cfg = {"input_size": (3, 32, 32), "mean": (0, 0, 0), "std": (1, 1, 1)}
+    dm = NpzImages(data_dir=str(tmp_path / "data"), train_file=None, test_file=None, corrupted_dir="CIFAR-100-C",
+                   corruptions=["fog"], severities=[2], data_config=cfg)
+    dm.setup("test")
+    torch.testing.assert_close(dm.test_sets[0].tensors[0], torch.from_numpy(images[4:8]).permute(0, 3, 1, 2) / 255.0)
+    with pytest.raises(FileNotFoundError, match=r"snow\.npy not found: .*pass its folder as corrupted_dir"):
+        load_corrupted_npy(tmp_path / "data" / "CIFAR-100-C", "snow", 1, num_images=4)
+    with pytest.raises(ValueError, match=r"expected 25 of each.*test_file: null"):
+        load_corrupted_npy(tmp_path / "data" / "CIFAR-100-C", "fog", 1, num_images=5)

@@ -71,3 +71,47 @@ def test_errors_name_the_line_or_the_file(tmp_path):
     (tmp_path / "broken.csv").write_text("".join(f"{p},{i % 2}\n" for i, p in enumerate(paths)))
     with pytest.raises(RuntimeError, match=r"cannot read image .*img/3\.png"):
         CSVImages(csv_file=str(tmp_path / "broken.csv"), data_config=CFG, cache_images=True).setup()
+
+
+def test_negative_index_typo_is_rejected_not_read_as_a_name(tmp_path):
+    paths = write_images(tmp_path / "img", 6)
+    labels = ["0", "1", "2", "0", "-1", "2"]
+    (tmp_path / "neg.csv").write_text("".join(f"{p},{y}\n" for p, y in zip(paths, labels)))
+    dm = CSVImages(csv_file=str(tmp_path / "neg.csv"), data_config=CFG)
+    with pytest.raises(ValueError, match=r"label -1 of .*img/4\.png.* outside the 3 classes"):
+        dm.setup()
+
+
+def test_mixed_index_and_name_labels_show_an_example_line_of_each(tmp_path):
+    paths = write_images(tmp_path / "img", 4)
+    (tmp_path / "mixed.csv").write_text(f"{paths[0]},0\n{paths[1]},cat\n{paths[2]},1\n{paths[3]},dog\n")
+    dm = CSVImages(csv_file=str(tmp_path / "mixed.csv"), data_config=CFG)
+    with pytest.raises(ValueError, match=r"mixed\.csv mixes integer labels \(line 1: '0'\) and class names "
+                                         r"\(line 2: 'cat'\).*class_names"):
+        dm.setup()
+
+
+@pytest.mark.parametrize("header", ["\ufeffpath,label,split", "\ufeffpath,label", "filepath,label", "Image,Category",
+                                    "img,y", "x,class"])
+def test_header_rows_and_excel_bom_are_not_read_as_images(tmp_path, header):
+    paths = write_images(tmp_path / "img", 4)
+    rows = [f"{p},{'cat' if i % 2 else 'dog'}{',train' if header.count(',') == 2 else ''}" for i, p in enumerate(paths)]
+    (tmp_path / "set.csv").write_text("\n".join([header, *rows]) + "\n", encoding="utf-8")
+    dm = CSVImages(csv_file=str(tmp_path / "set.csv"), data_config=CFG)
+    assert dm.class_names == ["cat", "dog"] and [n for n, *_ in dm.rows()] == [2, 3, 4, 5]
+
+
+def test_a_first_row_naming_an_image_is_data_even_when_its_label_looks_like_a_header(tmp_path):
+    paths = write_images(tmp_path / "img", 4)
+    (tmp_path / "set.csv").write_text("".join(f"{p},{'y' if i % 2 else 'n'}\n" for i, p in enumerate(paths)))
+    assert len(CSVImages(csv_file=str(tmp_path / "set.csv"), data_config=CFG).rows()) == 4
+
+
+def test_images_missing_on_disk_fail_in_setup_with_the_count_and_the_csv(tmp_path):
+    paths = write_images(tmp_path / "img", 8)
+    rows = [*paths, "img/gone1.png", "img/gone2.png"]
+    (tmp_path / "set.csv").write_text("".join(f"{p},{i % 2}\n" for i, p in enumerate(rows)))
+    dm = CSVImages(csv_file=str(tmp_path / "set.csv"), val_fraction=0.5, data_config=CFG)
+    with pytest.raises(FileNotFoundError, match=r"2 of 10 images listed in .*set\.csv are missing on disk: "
+                                                r".*img/gone1\.png, .*img/gone2\.png"):
+        dm.setup()

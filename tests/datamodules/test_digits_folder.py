@@ -27,8 +27,23 @@ def test_fewshot_indices_are_seeded_and_per_class():
     a, b, c = (fewshot_indices(labels, 3, seed) for seed in (1, 1, 2))
     assert a == b and a != c
     assert np.bincount(labels[a]).tolist() == [3, 3, 3, 3]
-    assert len(fewshot_indices(labels, 50, 0)) == 40  # a class with fewer images gives all of them
+    assert len(fewshot_indices(labels, 50, 0, strict=False)) == 40  # "up to K": a small class gives all it has
     assert not set(fewshot_indices(labels, 3, 0, exclude=a)) & set(a)
+
+
+def test_fewshot_indices_strict_names_the_short_classes():
+    labels = np.repeat(np.arange(5), [10, 10, 3, 10, 2])
+    with pytest.raises(ValueError, match=r"num_shots=4 but 2 class\(es\) have fewer images: 'c' \(3 images\), 'e' "
+                                         r"\(2 images\).*lower data.init_args.num_shots to at most 2"):
+        fewshot_indices(labels, 4, 1, class_names=["a", "b", "c", "d", "e"])
+    with pytest.raises(ValueError, match=r"class 4 \(2 images\)"):
+        fewshot_indices(labels, 3, 1)
+    assert np.bincount(labels[fewshot_indices(labels, 2, 1)]).tolist() == [2] * 5
+
+
+def test_digits_more_shots_than_a_class_has_is_an_error_not_an_empty_validation_set():
+    with pytest.raises(ValueError, match=r"num_shots=500 but 5 class\(es\) have fewer images: '5' \(\d+ images\)"):
+        _digits(task="target", num_shots=500)
 
 
 def test_digits_target_kshot_protocol():
@@ -105,3 +120,14 @@ def test_image_folder_missing_or_inconsistent(tmp_path):
     dm.set_data_config({"input_size": (3, 16, 16), "mean": (0.5,) * 3, "std": (0.5,) * 3})
     with pytest.raises(ValueError, match="classes of test/ \\['cat', 'cow'\\] differ from train/"):
         dm.setup()
+
+
+def test_image_folder_unreadable_image_names_the_file_and_the_fix(tmp_path):
+    _write_folder(tmp_path / "pets", splits=("train", "val", "test"))
+    bad = tmp_path / "pets" / "test" / "dog" / "1.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # truncated: PIL's own error does not name the file
+    dm = ImageFolder(root=str(tmp_path / "pets"), augment=False, data_config={
+        "input_size": (3, 16, 16), "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 1.0})
+    dm.setup()
+    with pytest.raises(RuntimeError, match=r"cannot read image .*test/dog/1\.png.*re-download or remove it"):
+        [dm.datasets["test"][i] for i in range(len(dm.datasets["test"]))]

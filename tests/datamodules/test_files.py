@@ -78,3 +78,35 @@ def test_corrupt_image_names_the_file(tmp_path):
         ImageList([(str(broken), 0)])[0]
     with pytest.raises(FileNotFoundError, match="gone.png"):
         UInt8Cache([*samples, (str(tmp_path / "gone.png"), 0)], CFG)
+
+
+def test_kshot_without_test_list_keeps_the_whole_validation_set_as_test(tmp_path):
+    samples = _images(tmp_path, per_class=20)
+    full = _List({"train": samples}, val_fraction=0.5)
+    full.setup()
+    dm = _List({"train": samples}, val_fraction=0.5, num_shots=2)
+    dm.setup()
+    assert np.bincount([y for _, y in dm.samples["val"]]).tolist() == [2, 2, 2]
+    assert dm.samples["test"] == full.samples["test"] and len(dm.samples["test"]) == 30  # not the 2-shot val
+
+
+def test_kshot_larger_than_a_class_is_an_error_naming_it(tmp_path):
+    samples = _images(tmp_path, per_class=5)
+    with pytest.raises(ValueError, match=r"num_shots=5 but 3 class\(es\) have fewer images: 'a' \(4 images\), "
+                                         r"'b' \(4 images\), 'c' \(4 images\); lower data.init_args.num_shots to "
+                                         r"at most 4"):
+        _List({"train": samples}, val_fraction=0.2, num_shots=5).setup()
+
+
+def test_16_bit_images_are_rescaled_not_saturated_to_white(tmp_path):
+    from lightning_transfer.datamodules.files import read_image
+
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1024)  # 0..64512 across the 16-bit range
+    Image.fromarray(ramp).save(tmp_path / "deep.png")  # a 16-bit grayscale PNG
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    rgb = np.asarray(read_image(tmp_path / "deep.png"))
+    assert rgb.shape == (8, 8, 3) and (rgb[..., 0] == rgb[..., 2]).all()
+    np.testing.assert_allclose(rgb[..., 0].astype(float), ramp / 257.0, atol=1)  # not 255 everywhere
+    Image.fromarray(np.ones((4, 4), dtype=np.float32) * 3.5).save(tmp_path / "float.tif")
+    with pytest.raises(RuntimeError, match=r"cannot read image .*float\.tif.*mode 'F'.*8-bit"):
+        read_image(tmp_path / "float.tif")

@@ -169,3 +169,11 @@ def test_fit_takes_the_backbone_preprocessing_and_logs_the_split(tmp_path):
     assert dm.datasets["train"].images.shape[-2:] == (32, 32)  # the tiny CNN's input size
     assert recorder.params["data/variant"].startswith("vtab1k/dmlab/final/direct32x32/")
     assert len(recorder.params["data/split_digest"]) == 16
+
+
+def test_listed_image_missing_on_disk_fails_in_setup_naming_the_lists(tmp_path):
+    root = write_vtab_task(tmp_path / "dtd")
+    (root / "images" / "val200" / "1.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 of 9 images listed in .*train800\.txt, .*val200\.txt are missing "
+                                                r"on disk: .*val200/1\.jpg"):
+        VTAB1k("dtd", mode="tune", root=str(root), data_config=CFG).setup()
