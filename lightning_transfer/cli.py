@@ -194,7 +194,8 @@ class TransferCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         with _setup_phase():
-            super().instantiate_classes()
+            super().instantiate_classes()  # loggers write their run folders later, when the run starts
+            _check_runnable(self.subcommand, self.model, self.datamodule)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -218,6 +219,24 @@ def _setup_phase() -> Iterator[None]:
     except Exception as err:
         err._before_training = True  # type: ignore[attr-defined]
         raise
+
+
+def _check_runnable(subcommand: str | None, model: Any, datamodule: Any) -> None:
+    """Refuse a run that would fail only once it started (after its run folder and config were written)."""
+    if not isinstance(model, TransferModule):
+        return
+    adaptation = model.adaptation
+    if subcommand == "fit" and adaptation.trains_nothing:
+        raise ValueError(f"{type(adaptation).__name__} trains nothing, so there is nothing to fit: run validate or "
+                         "test with it, or choose a strategy that trains")
+    # every shipped datamodule yields images; one of the user's own may yield token ids
+    shipped = type(datamodule).__module__.startswith("lightning_transfer.datamodules")
+    if shipped and model.backbone.data_config().get("modality") == "text":
+        raise ValueError(
+            f"{type(model.backbone).__name__} ({model.backbone.identity()}) reads token ids (data_config modality "
+            f"'text'), but {type(datamodule).__name__} yields images and there is no text datamodule: use text "
+            "backbones from the Python API with your own tokenised data (TransferModule + a Trainer), or choose an "
+            "image backbone")
 
 
 def _model_flags(argv: list[str]) -> list[str]:

@@ -36,21 +36,23 @@ def export_checkpoint(ckpt_path: str, fmt: str, output: str) -> list[Path]:
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; available: {', '.join(FORMATS)}")
     module = load_module(ckpt_path)
+    name = type(module.adaptation).__name__
+    merge = getattr(module.adaptation, "merged_backbone_state", None)
+    own = list(module.adaptation.state_dict())
+    # VQT's query tokens, SHERL's projections, CoOp's context: no backbone weight can hold them, in either format
+    outside = None if merge is not None or not own else (
+        f"{name} keeps trained weights outside the backbone ({', '.join(own[:4])}{', ...' if len(own) > 4 else ''}), "
+        "which a merged backbone cannot hold: exported without them, the backbone and head would be another model. "
+        "Use the checkpoint itself (test/predict --ckpt_path, or TransferModule.load_from_checkpoint)")
     if fmt == "peft":
         save_peft = getattr(module.adaptation, "save_peft", None)
         if save_peft is None:
-            raise ValueError(f"{type(module.adaptation).__name__} is not a peft method, so it has no peft adapter "
-                             "format: export with --format merged")
+            raise ValueError(f"{name} is not a peft method, so it has no peft adapter format; "
+                             + (outside or "export with --format merged"))
         written = save_peft(module.backbone, out)
     else:
-        merge = getattr(module.adaptation, "merged_backbone_state", None)
-        own = list(module.adaptation.state_dict())
-        if merge is None and own:  # VQT's query tokens, SHERL's projections: no backbone weight can hold them
-            raise ValueError(
-                f"{type(module.adaptation).__name__} keeps trained weights outside the backbone ({', '.join(own[:4])}"
-                f"{', ...' if len(own) > 4 else ''}), which a merged backbone cannot hold: exported without them, the "
-                "backbone and head would be another model. Use the checkpoint itself (test/predict --ckpt_path, or "
-                "TransferModule.load_from_checkpoint)")
+        if outside is not None:
+            raise ValueError(outside)
         backbone_state = merge(module.backbone) if merge is not None else module.backbone.export_state_dict()
         out.mkdir(parents=True, exist_ok=True)
         written = [out / "backbone.safetensors"]

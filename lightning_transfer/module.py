@@ -397,6 +397,18 @@ class TransferModule(LightningModule):
                 f"{strategy}: build the model with the same backbone and model.adaptation as "
                 "the run that saved it (the CLI does this from the checkpoint's hyperparameters)"
             )
+        # then the kind of backbone (timm, hf_clip, ...): its keys differ too, but that list would not say why
+        if meta is not None and _backbone_kind(meta["backbone"]) != _backbone_kind(self.backbone.identity()):
+            raise CheckpointMismatch(
+                f"checkpoint was trained on backbone {meta['backbone']} but this model's backbone is "
+                f"{self.backbone.identity()}, another kind: build the model with model.backbone as the run that saved "
+                "it (the CLI does this from the checkpoint's hyperparameters)"
+            )
+        own_state = {k[len("adaptation."):]: v for k, v in state.items() if k.startswith("adaptation.")}
+        try:  # a reason the strategy knows (a class-specific CoOp context on another class count) before the list
+            self.adaptation.check_checkpoint_state(own_state)
+        except ValueError as err:
+            raise CheckpointMismatch(str(err)) from err
         self._check_shapes(state, own)
         if meta is None:  # a full checkpoint from elsewhere: strict loading does the checking
             return
@@ -474,6 +486,12 @@ def _check_optimizer(factory: OptimizerCallable) -> None:
                          "--model.optimizer.init_args.lr=1e-3)") from err
     except Exception:  # noqa: BLE001  a factory that needs more than a parameter list: configure_optimizers will say
         pass
+
+
+def _backbone_kind(identity: str) -> str | None:
+    """``timm`` of ``timm:vit_base_patch16_224 (pretrained)``; None for identities without a kind prefix."""
+    kind, colon, _ = identity.partition(":")
+    return kind if colon and " " not in kind else None
 
 
 def _unwrapped_name(name: str) -> str:

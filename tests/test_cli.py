@@ -205,3 +205,37 @@ def test_command_line_errors_before_anything_ran_show_the_message_not_a_tracebac
     assert str(stopped.value.code).splitlines()[0] == (
         "error: ImageFolder: no training folder at '/no/such/folder/train'; lay the data out as "
         "/no/such/folder/train/<class>/<image> (val/ and test/ optional) or fix data.root")
+
+
+def _tiny_clip_config(tmp_path: Path, adaptation: str) -> list[str]:
+    """QUICK with the tiny CLIP as backbone and a CSV logger under ``tmp_path`` (whose folder shows a started run)."""
+    from tests.helpers.tiny_clip import tiny_clip_dir
+
+    path = tmp_path / "clip.yaml"
+    path.write_text(yaml.safe_dump({"model": {"backbone": {
+        "class_path": "lightning_transfer.backbones.hf_clip.HFCLIPBackbone",
+        "init_args": {"model_name_or_path": tiny_clip_dir()}}, "adaptation": {"class_path": adaptation}}}))
+    runs = tmp_path / "runs"
+    return ["--config", QUICK, "--config", str(path), "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+            f"--trainer.logger.init_args.save_dir={runs}", f"--trainer.default_root_dir={runs}"]
+
+
+def test_fit_with_a_strategy_that_trains_nothing_is_refused_before_the_run_starts(tmp_path):
+    with pytest.raises(ValueError, match="ZeroShotCLIP trains nothing, so there is nothing to fit: run validate or "
+                                         "test") as refused:
+        TransferCLI(args=["fit", *_tiny_clip_config(tmp_path, "ZeroShotCLIP")])
+    assert getattr(refused.value, "_before_training", False)  # the command line prints the message alone
+    assert not (tmp_path / "runs").exists(), "no run folder for a run that cannot start"
+
+
+def test_a_text_backbone_with_an_image_datamodule_is_refused_before_the_run_starts(tmp_path):
+    from tests.helpers.text_models import tiny_bert_dir
+
+    args = ["fit", "--config", QUICK, "--model.backbone=lightning_transfer.backbones.hf_text.HFTextBackbone",
+            f"--model.backbone.init_args.model_name_or_path={tiny_bert_dir()}", "--model.adaptation=LinearProbe",
+            "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}"]
+    with pytest.raises(ValueError, match=r"HFTextBackbone \(hf_text:.*\) reads token ids .* but Digits yields images "
+                                         "and there is no text datamodule: use text backbones from the Python API"):
+        TransferCLI(args=args)
+    assert not (tmp_path / "runs").exists(), "no run folder for a run that cannot start"

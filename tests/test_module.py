@@ -9,7 +9,7 @@ from torch import Tensor
 
 from lightning_transfer.backbones.timm import TimmBackbone
 from lightning_transfer.datamodules import Digits
-from lightning_transfer.module import TransferModule
+from lightning_transfer.module import CheckpointMismatch, TransferModule
 from lightning_transfer.strategies import FullFinetune, LinearProbe, PartialFreeze
 from lightning_transfer.strategies.full import layer_lr_scales
 from lightning_transfer.strategies.lora import LoRA
@@ -297,6 +297,15 @@ def test_checkpoint_from_a_different_backbone_is_refused(tmp_path):
     checkpoint = torch.load(tmp_path / "probe.ckpt", weights_only=True)
     with pytest.raises(ValueError, match="trained on top of backbone timm:test_vit .* differ"):
         other.on_load_checkpoint(checkpoint)
+
+
+def test_checkpoint_of_another_backbone_kind_names_both_backbones(tmp_path):
+    from tests.helpers.tiny_clip import tiny_clip
+
+    _fit_and_save(TransferModule(tiny_vit(), LoRA(r=2), num_classes=5), tmp_path / "lora.ckpt")
+    with pytest.raises(CheckpointMismatch, match=r"trained on backbone timm:test_vit .* but this model's backbone is "
+                                                 r"hf_clip:.*, another kind: build the model with model.backbone"):
+        TransferModule.load_from_checkpoint(tmp_path / "lora.ckpt", weights_only=True, backbone=tiny_clip())
 
 
 def test_num_classes_mismatch_is_refused(tmp_path):

@@ -33,6 +33,9 @@ class Backbone(nn.Module, RecordsInitArgs):
     supports_queries: ClassVar[bool] = False
     #: Parameter-name prefixes that belong after the last block (final norm, pooling norm).
     final_prefixes: ClassVar[tuple[str, ...]] = ()
+    #: Module-name prefix of the tower that ``forward`` runs (CLIP's image tower: its text tower holds modules of
+    #: the same names that no image strategy runs); ``""`` is the whole backbone.
+    image_tower_prefix: ClassVar[str] = ""
 
     name: str = "backbone"
     embed_dim: int = 0

@@ -263,6 +263,7 @@ class CLIPResNetBackbone(CLIPTextTower, Backbone):
 
     has_tokens: ClassVar[bool] = False
     final_prefixes: ClassVar[tuple[str, ...]] = ("model.visual.head.",)
+    image_tower_prefix: ClassVar[str] = "model.visual"
 
     def __init__(
         self,

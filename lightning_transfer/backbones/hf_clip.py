@@ -173,6 +173,7 @@ class HFCLIPBackbone(CLIPTextTower, Backbone):
 
     supports_queries: ClassVar[bool] = True
     final_prefixes: ClassVar[tuple[str, ...]] = ("model.vision_model.post_layernorm.", "model.visual_projection.")
+    image_tower_prefix: ClassVar[str] = "model.vision_model"
 
     def __init__(
         self,

@@ -52,6 +52,17 @@ def _query_layer_error(layer: nn.Module) -> str | None:
     return None
 
 
+def _no_pooler_kwargs(config: Any) -> dict[str, Any]:
+    """``add_pooling_layer=False`` for the model classes that take it (BERT, RoBERTa); ELECTRA has no pooler."""
+    import inspect
+
+    from transformers import MODEL_MAPPING
+
+    model_cls: Any = MODEL_MAPPING.get(type(config), None)
+    accepts = model_cls is not None and "add_pooling_layer" in inspect.signature(model_cls).parameters
+    return {"add_pooling_layer": False} if accepts else {}
+
+
 @register_backbone("hf_text")
 class HFTextBackbone(Backbone):
     """A Hugging Face BERT-family encoder behind the Backbone contract (BERT arXiv:1810.04805).
@@ -93,13 +104,21 @@ class HFTextBackbone(Backbone):
         if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
         if model_name_or_path is not None:
-            self.model = AutoModel.from_pretrained(model_name_or_path, add_pooling_layer=False,
-                                                   attn_implementation=attn_implementation)
+            model_config = AutoConfig.from_pretrained(model_name_or_path)
         else:
             cfg = dict(config or {})
-            model_type = cfg.pop("model_type", "bert")
-            self.model = AutoModel.from_config(AutoConfig.for_model(model_type, **cfg), add_pooling_layer=False,
-                                               attn_implementation=attn_implementation)
+            model_config = AutoConfig.for_model(cfg.pop("model_type", "bert"), **cfg)
+        if model_config.model_type.startswith("deberta"):  # its encoder, not the layer, builds the attention inputs
+            raise ValueError(f"{model_config.model_type} encoders pass relative positions and their own mask from the "
+                             "encoder into every layer, which the per-block contract cannot: use a BERT, RoBERTa, "
+                             "ELECTRA or MiniLM model")
+        kwargs = {"attn_implementation": attn_implementation, **_no_pooler_kwargs(model_config)}
+        if model_name_or_path is not None:
+            self.model = AutoModel.from_pretrained(model_name_or_path, config=model_config, **kwargs)
+        else:
+            self.model = AutoModel.from_config(model_config, **kwargs)
+        if getattr(self.model, "pooler", None) is not None:  # never used (pool reads the tokens): no dead weights
+            self.model.pooler = None
         encoder = getattr(self.model, "encoder", None)
         if not (hasattr(self.model, "embeddings") and encoder is not None and hasattr(encoder, "layer")):
             raise ValueError(f"{type(self.model).__name__} is not a BERT-family encoder (embeddings + encoder.layer); "
@@ -117,23 +136,48 @@ class HFTextBackbone(Backbone):
     def split_inputs(self, inputs: TextInputs) -> tuple[Tensor, Tensor, Tensor | None]:
         """(input_ids (B, L), attention_mask (B, L), token_type_ids (B, L) or None) from any accepted form."""
         if isinstance(inputs, Mapping):
-            ids = inputs["input_ids"]
+            ids = self._check_ids(inputs["input_ids"])
             mask = inputs.get("attention_mask")
             return ids, (ids != self.pad_token_id).long() if mask is None else mask, inputs.get("token_type_ids")
         if inputs.dtype.is_floating_point:
             raise TypeError(f"{type(self).__name__} takes token ids (an integer tensor), got {inputs.dtype}: "
                             "tokenize the text first (see the class docstring for the accepted forms)")
         if inputs.ndim == 3 and inputs.shape[1] == 2:
-            return inputs[:, 0], inputs[:, 1], None
+            return self._check_ids(inputs[:, 0]), inputs[:, 1], None
         if inputs.ndim == 2:
-            return inputs, (inputs != self.pad_token_id).long(), None
+            return self._check_ids(inputs), (inputs != self.pad_token_id).long(), None
         raise ValueError(f"token inputs must be (B, L) ids or (B, 2, L) ids+mask, got shape {tuple(inputs.shape)}")
+
+    def _check_ids(self, ids: Tensor) -> Tensor:
+        """Name the limit a batch breaks, instead of an index error (on a GPU, a device-side assert) in the model."""
+        if ids.shape[-1] > self.max_length:
+            raise ValueError(f"token sequences are {ids.shape[-1]} tokens long, but {self.identity()} takes at most "
+                             f"{self.max_length} tokens: truncate when tokenising (truncation=True, "
+                             f"max_length={self.max_length})")
+        # the vocabulary check reads the ids back: free on the CPU; on an accelerator (a device sync) only the first
+        # batch is checked, so a wrong tokenizer is still named at once without a sync on every step
+        if ids.numel() and (ids.device.type == "cpu" or not self.__dict__.get("_ids_checked_on_device")):
+            self.__dict__["_ids_checked_on_device"] = ids.device.type != "cpu"
+            low, high = (int(v) for v in torch.aminmax(ids))
+            vocab = self.model.config.vocab_size
+            if low < 0 or high >= vocab:
+                raise ValueError(f"token id {high if high >= vocab else low} is outside the vocabulary of "
+                                 f"{self.identity()} (0..{vocab - 1}): tokenise with the model's own tokenizer")
+        return ids
+
+    @property
+    def max_length(self) -> int:
+        """The longest token sequence: ``max_position_embeddings``, less RoBERTa's ``padding_idx + 1`` offset."""
+        padding_idx = getattr(self.model.embeddings, "padding_idx", None)  # RoBERTa positions start after it
+        return int(self.model.config.max_position_embeddings) - (padding_idx + 1 if padding_idx is not None else 0)
 
     # ---- the token contract -------------------------------------------------------------------------------
     def embed(self, x: TextInputs) -> Tensor:  # type: ignore[override]
         ids, mask, token_types = self.split_inputs(x)
         self._mask = mask
-        return self.model.embeddings(input_ids=ids, token_type_ids=token_types)  # (B, L, D)
+        tokens = self.model.embeddings(input_ids=ids, token_type_ids=token_types)  # (B, L, E)
+        project = getattr(self.model, "embeddings_project", None)  # ELECTRA: embedding_size E -> hidden_size D
+        return project(tokens) if project is not None else tokens  # (B, L, D)
 
     @property
     def blocks(self) -> Sequence[nn.Module]:
@@ -212,7 +256,7 @@ class HFTextBackbone(Backbone):
     def data_config(self) -> dict[str, Any]:
         """Text needs a tokenizer, not image transforms: the model's name and its maximum length."""
         return {"modality": "text", "tokenizer": self.model_name_or_path,
-                "max_length": self.model.config.max_position_embeddings}
+                "max_length": self.max_length}
 
     def export_state_dict(self) -> dict[str, Tensor]:
         return self.model.state_dict()

@@ -21,6 +21,8 @@ from lightning_transfer.strategies.base import AdaptationStrategy
 
 # peft writes adapter weights under this prefix (PeftModel.base_model.model.<path>)
 PEFT_KEY_PREFIX = "base_model.model."
+# peft config fields that hold module names (full names in the backbone; the export makes them library-relative)
+_MODULE_NAME_FIELDS = ("target_modules", "feedforward_modules", "exclude_modules", "modules_to_save")
 # module-name suffixes of separate query / value projections (HF BERT/RoBERTa, CLIP, LLaMA-style)
 _QUERY_NAMES = ("query", "q_proj", "q")
 _VALUE_NAMES = ("value", "v_proj", "v")
@@ -73,13 +75,22 @@ def _parent(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(parent_name) if parent_name else root), child
 
 
+def in_image_tower(backbone: Backbone, name: str) -> bool:
+    """Whether module ``name`` is inside the tower that ``backbone.forward`` runs (not CLIP's unused text tower)."""
+    prefix = backbone.image_tower_prefix
+    return not prefix or name == prefix or name.startswith(prefix + ".")
+
+
 def qv_targets(backbone: Backbone) -> list[str]:
     """Module names of the query and value projections; fused ``qkv`` Linears are split first (:class:`FusedQKV`).
 
-    Returns full module names (exact matches for peft). Raises when the backbone has no attention projections.
+    Returns full module names (exact matches for peft), in the image tower only: an adapter in CLIP's text tower
+    would never get a gradient (and DDP refuses unused parameters). Raises when there are no attention projections.
     """
     names: list[str] = []
     for name, module in list(backbone.named_modules()):
+        if not in_image_tower(backbone, name):
+            continue
         leaf = name.rpartition(".")[2]
         if leaf == "qkv" and isinstance(module, nn.Linear):
             attn, _ = _parent(backbone, name)
@@ -112,11 +123,25 @@ def block_of_module(backbone: Backbone) -> dict[str, int]:
 
 
 def expand_targets(backbone: Backbone, targets: list[str], layers: list[int] | None, what: str) -> list[str]:
-    """Full names of the modules matching ``targets`` (exact names or suffixes), restricted to blocks ``layers``."""
+    """Full names of the modules matching ``targets`` (exact names or suffixes), restricted to blocks ``layers``.
+
+    Only modules of the image tower count (:func:`in_image_tower`); a target that matches nothing else is an error.
+    """
+    if not targets:  # e.g. IA3's feedforward_modules default: no module
+        return []
     check_targets_exist(backbone, targets, what)
+
+    def matches(name: str, target: str) -> bool:
+        return name == target or name.endswith("." + target)
+
+    tower = [(n, m) for n, m in backbone.named_modules() if in_image_tower(backbone, n)]
+    outside = [t for t in targets if not any(matches(n, t) for n, _ in tower)]
+    if outside:
+        prefix = backbone.image_tower_prefix
+        raise ValueError(f"{what} {outside} match only modules outside the image tower ({prefix}) of "
+                         f"{backbone.identity()}, which image classification never runs: name modules under {prefix}")
     # only leaf layers: a suffix such as ``conv1`` must not catch a container (timm's deep-stem ``conv1`` Sequential)
-    names = [n for n, m in backbone.named_modules()
-             if any(n == t or n.endswith("." + t) for t in targets) and not any(True for _ in m.children())]
+    names = [n for n, m in tower if any(matches(n, t) for t in targets) and not any(True for _ in m.children())]
     if not names:
         raise ValueError(f"{what} {targets} match only container modules of {backbone.identity()}: name layers "
                          "(Linear/Conv) instead")
@@ -126,6 +151,9 @@ def expand_targets(backbone: Backbone, targets: list[str], layers: list[int] | N
             raise ValueError(f"layers_to_transform {bad} out of range: the backbone has blocks 0..{backbone.depth - 1}")
         block_of = block_of_module(backbone)
         names = [n for n in names if block_of.get(n) in layers]
+        if not names:
+            raise ValueError(f"{what} {targets} match no module inside blocks layers_to_transform={layers} of "
+                             f"{backbone.identity()}: name modules of those blocks, or drop layers_to_transform")
     return sorted(names)
 
 
@@ -220,8 +248,10 @@ def save_peft_adapter(backbone: Backbone, config: Any, output: Path) -> list[Pat
         # scaling alpha / r (or alpha / sqrt(r)) must stay the same at rank 2r
         config.lora_alpha = config.lora_alpha * (math.sqrt(2) if config.use_rslora else 2)
         config.r = 2 * config.r
-    if isinstance(config.target_modules, (set, list)):
-        config.target_modules = sorted(t[len(prefix):] if t.startswith(prefix) else t for t in config.target_modules)
+    for key in _MODULE_NAME_FIELDS:  # names relative to the library model, in every field that holds them
+        names = getattr(config, key, None)
+        if isinstance(names, (set, list)):
+            setattr(config, key, sorted(t[len(prefix):] if t.startswith(prefix) else t for t in names))
     output.mkdir(parents=True, exist_ok=True)
     config.inference_mode = True
     weights = output / "adapter_model.safetensors"

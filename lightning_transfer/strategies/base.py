@@ -86,6 +86,10 @@ class AdaptationStrategy(nn.Module, RecordsInitArgs):
         """Width of the head's input; ``None`` when the strategy needs no linear head (e.g. CLIP prompts)."""
         return backbone.num_features
 
+    def check_checkpoint_state(self, state: dict[str, Tensor]) -> None:
+        """Raise a ``ValueError`` saying why a checkpoint's strategy tensors (``state``, names without the
+        ``adaptation.`` prefix) cannot load, before the generic key and shape check. No-op by default."""
+
     # ---- running ------------------------------------------------------------------------------------------
     def forward(self, backbone: Backbone, head: nn.Module | None, inputs: Tensor) -> Tensor:
         """inputs (B, C, H, W) -> logits (B, num_classes)."""

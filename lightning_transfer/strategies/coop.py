@@ -84,6 +84,8 @@ class CoOp(AdaptationStrategy):
         super().__init__()
         if n_ctx < 1:
             raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
+        if not init_std > 0:
+            raise ValueError(f"init_std must be > 0 (0.02 in the paper), got {init_std}")
         if class_token_position not in ("end", "middle", "front"):
             raise ValueError(f"class_token_position must be 'end', 'middle' or 'front', got {class_token_position!r}")
         self.n_ctx = n_ctx
@@ -103,17 +105,30 @@ class CoOp(AdaptationStrategy):
     def set_class_names(self, class_names: list[str] | None) -> None:
         names = check_class_names(self, class_names)
         if self.class_specific and self.ctx is not None and self.ctx.shape[0] != len(names):
-            raise ValueError(
-                f"{type(self).__name__}(class_specific=True) learned one context per class for {self.ctx.shape[0]} "
-                f"classes, so it cannot classify {len(names)} classes {names[:5]}...: class-specific contexts are tied "
-                "to the training class list (CoOp issue #69); train with class_specific=false for base-to-new or "
-                "cross-dataset evaluation"
-            )
+            raise ValueError(self._tied_contexts(self.ctx.shape[0], names))
         self.class_names = names
+
+    def check_checkpoint_state(self, state: dict[str, Tensor]) -> None:
+        ctx = state.get("ctx")  # class-specific: (C, M, D)
+        if self.class_specific and ctx is not None and ctx.ndim == 3 and self.class_names is not None \
+                and ctx.shape[0] != len(self.class_names):
+            raise ValueError("checkpoint " + self._tied_contexts(ctx.shape[0], self.class_names))
+
+    def _tied_contexts(self, trained: int, names: list[str]) -> str:
+        return (f"{type(self).__name__}(class_specific=True) learned one context per class for {trained} classes, so "
+                f"it cannot classify {len(names)} classes {names[:5]}...: class-specific contexts are tied to the "
+                "training class list (CoOp issue #69); train with class_specific=false for base-to-new or "
+                "cross-dataset evaluation")
         self._parts = {}  # the class-name token parts are rebuilt for the new names
 
     def head_in_features(self, backbone: Backbone) -> int | None:
         return None
+
+    def attach(self, backbone: Backbone, head: nn.Module | None) -> None:
+        super().attach(backbone, head)
+        # tokenise now, and again for new class names (attach is called once per module built on them): a prompt
+        # longer than the text context fails at construction, not at the first forward
+        self._prompt_parts(backbone)
 
     def _attach(self, backbone: Backbone, head: nn.Module | None) -> None:
         freeze(backbone)

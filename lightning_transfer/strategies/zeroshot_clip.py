@@ -58,6 +58,12 @@ class ZeroShotCLIP(AdaptationStrategy):
     def head_in_features(self, backbone: Backbone) -> int | None:
         return None
 
+    def attach(self, backbone: Backbone, head: nn.Module | None) -> None:
+        super().attach(backbone, head)
+        # tokenise now, and again for new class names (the text tower runs on first use): a prompt longer than the
+        # text context fails at construction, not at the first forward
+        as_clip(backbone).tokenize([p for group in self.prompt_texts() for p in group])
+
     def _attach(self, backbone: Backbone, head: nn.Module | None) -> None:
         freeze(backbone)
 

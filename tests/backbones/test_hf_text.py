@@ -127,3 +127,32 @@ def test_minilm_lora_and_adapter_are_identity_at_init(minilm_dir, strategy):
     reference = HFTextBackbone(model_name_or_path=minilm_dir, pooling="mean").eval()
     with torch.no_grad():
         torch.testing.assert_close(module(batch), module.head(reference(batch)), atol=1e-6, rtol=0)
+
+
+SMALL = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "intermediate_size": 64, "max_position_embeddings": 40}
+
+
+def test_electra_is_supported_and_other_families_get_the_clear_message():
+    backbone = HFTextBackbone(config={"model_type": "electra", **SMALL, "embedding_size": 16}).eval()  # projected
+    ids = torch.randint(2, 60, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(ids), backbone.model(input_ids=ids).last_hidden_state[:, 0])
+    with pytest.raises(ValueError, match="DistilBertModel is not a BERT-family encoder"):
+        HFTextBackbone(config={"model_type": "distilbert", "vocab_size": 64, "dim": 32, "n_layers": 2, "n_heads": 4,
+                               "hidden_dim": 64})
+    with pytest.raises(ValueError, match="deberta-v2 encoders pass relative positions .* use a BERT, RoBERTa"):
+        HFTextBackbone(config={"model_type": "deberta-v2", **SMALL})
+
+
+def test_token_ids_outside_the_vocabulary_or_positions_name_the_limit():
+    backbone = tiny_bert()
+    vocab, positions = backbone.model.config.vocab_size, backbone.model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"token id {vocab} is outside the vocabulary .* \\(0..{vocab - 1}\\)"):
+        backbone(torch.full((2, 5), vocab))
+    with pytest.raises(ValueError, match=f"are {positions + 1} tokens long, but .* takes at most {positions} tokens"):
+        backbone({"input_ids": torch.ones(2, positions + 1, dtype=torch.long)})
+    roberta = HFTextBackbone(config={"model_type": "roberta", **SMALL, "pad_token_id": 1})
+    assert roberta.data_config()["max_length"] == 38  # positions start after padding_idx + 1
+    with pytest.raises(ValueError, match="takes at most 38 tokens"):
+        roberta(torch.full((1, 39), 5))

@@ -153,6 +153,23 @@ def test_checkpoint_holds_only_the_prompt_learner(strategy, tmp_path):
         assert torch.equal(module.eval()(x), loaded.eval()(x))
 
 
+@pytest.mark.parametrize("fmt", ["peft", "merged"])
+def test_export_of_a_prompt_learner_points_to_the_checkpoint(fmt, tmp_path):
+    import lightning
+
+    from lightning_transfer.export import export_checkpoint
+
+    module = _module(CoOp(n_ctx=4))
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                  "pytorch-lightning_version": lightning.__version__}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "coop.ckpt")
+    with pytest.raises(ValueError, match=r"CoOp keeps trained weights outside the backbone \(ctx\).*Use the "
+                                         "checkpoint itself") as refused:
+        export_checkpoint(str(tmp_path / "coop.ckpt"), fmt, str(tmp_path / "out"))
+    assert "--format merged" not in str(refused.value)  # merged refuses too
+
+
 def test_zero_shot_validates_without_fit_and_survives_save_and_reload(tmp_path):
     module = _module(ZeroShotCLIP("ensemble:digits"))
     dm = _digits(module, batch_size=64)
@@ -202,6 +219,18 @@ def test_clear_errors():
         TransferModule(tiny_clip(), CoOp(n_ctx=4), num_classes=5)
     with pytest.raises(ValueError, match="HFCLIPBackbone"):
         TransferModule(tiny_vit(), ZeroShotCLIP(), num_classes=5, class_names=NAMES)
+    for strategy in (CoOp, CoCoOp):
+        with pytest.raises(ValueError, match=r"init_std must be > 0 \(0.02 in the paper\), got -1.0"):
+            strategy(init_std=-1.0)
+
+
+@pytest.mark.parametrize("make", [lambda names: _module(CoOp(n_ctx=40), names),
+                                  lambda names: _module(CoOp(n_ctx=2), [*names, "x" * 40]),
+                                  lambda names: _module(ZeroShotCLIP(), [*names, "x" * 40]),
+                                  lambda names: with_class_names(_module(CoOp(n_ctx=2), names), ["a", "x" * 40])])
+def test_a_prompt_longer_than_the_text_context_fails_at_construction(make):
+    with pytest.raises(ValueError, match="longer than the text tower's context of 32: shorten"):
+        make(NAMES)  # not at the first forward
 
 
 def test_class_specific_context_refuses_another_class_list(tmp_path):
@@ -211,6 +240,16 @@ def test_class_specific_context_refuses_another_class_list(tmp_path):
     with pytest.raises(ValueError, match="class-specific contexts are tied"):
         with_class_names(module, ["a", "b", "c"])
     module.adaptation.set_class_names(["x", "y", "z", "u", "v"])  # same size: allowed (a relabelling)
+
+
+def test_class_specific_checkpoint_on_another_class_count_says_why(tmp_path):
+    module = _module(CoOp(n_ctx=2, class_specific=True))
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    three = _module(CoOp(n_ctx=2, class_specific=True), ["a", "b", "c"])  # what `test` on other data builds
+    with pytest.raises(ValueError, match=r"one context per class for 5 classes, so it cannot classify 3 classes.*"
+                                         "class-specific contexts are tied .* train with class_specific=false"):
+        three.on_load_checkpoint(checkpoint)
 
 
 def test_cross_dataset_rebuilds_the_class_name_tokens():

@@ -16,6 +16,7 @@ from lightning_transfer.strategies._peft import FusedQKV
 from lightning_transfer.strategies.full import FullFinetune
 from lightning_transfer.strategies.lora import LoRA, lora_delta, lora_scaling
 from tests.helpers.models import TINY_VIT, inputs_for, tiny_vit
+from tests.helpers.tiny_clip import tiny_clip, tiny_clip_resnet
 
 
 def _perturb_adapters(module: TransferModule, std: float = 0.05) -> None:
@@ -120,6 +121,9 @@ def test_lora_errors_name_the_fix():
         TransferModule(tiny_vit(), LoRA(target_modules=["attn.nope"]), num_classes=5)
     with pytest.raises(ValueError, match="layers_to_transform"):
         TransferModule(tiny_vit(), LoRA(layers_to_transform=[99]), num_classes=5)
+    with pytest.raises(ValueError, match=r"target_modules \['patch_embed.proj'\] match no module inside blocks "
+                                         r"layers_to_transform=\[0\]"):
+        TransferModule(tiny_vit(), LoRA(target_modules=["patch_embed.proj"], layers_to_transform=[0]), num_classes=5)
 
 
 def _save(module: TransferModule, path):
@@ -164,3 +168,21 @@ def test_vit_b16_lora_checkpoint_is_small_and_reloads_strictly(tmp_path):
         assert torch.equal(loaded.eval()(x), module.eval()(x))
     buffer = io.BytesIO()
     torch.save(saved["hyper_parameters"], buffer)  # plain values only
+
+
+@pytest.mark.parametrize("factory", [tiny_clip, tiny_clip_resnet])
+def test_lora_on_clip_adapts_the_image_tower_only(factory):
+    module = TransferModule(factory(), LoRA(r=2), num_classes=5)
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    assert not [n for n in trainable if "text_model" in n], "the image strategies never run the text tower"
+    module.train()
+    channels, height, width = module.backbone.data_config()["input_size"]
+    module(torch.randn(2, channels, height, width)).sum().backward()
+    unused = [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, f"trainable but never used (DDP fails on these): {unused[:4]}"
+
+
+def test_lora_target_outside_the_image_tower_is_an_error():
+    with pytest.raises(ValueError, match=r"text_model.*outside the image tower \(model.vision_model\)"):
+        TransferModule(tiny_clip(), LoRA(target_modules=["text_model.encoder.layers.0.self_attn.q_proj"]),
+                       num_classes=5)

@@ -8,6 +8,7 @@ import torch
 from lightning_transfer.module import TransferModule
 from lightning_transfer.strategies.peft_method import PeftMethod, peft_config_from_dict
 from tests.helpers.models import inputs_for, tiny_vit
+from tests.helpers.tiny_clip import tiny_clip
 
 
 def _perturb(module: TransferModule) -> None:
@@ -44,11 +45,28 @@ def test_ia3_scales_only_the_targets():
     assert sum(module.backbone.get_parameter(n).numel() for n in trainable) == 6 * width
 
 
-def test_export_peft_loads_back_with_peft(tmp_path):
+def test_ia3_runs_with_its_defaults():
+    module = TransferModule(tiny_vit(), PeftMethod("IA3"), num_classes=5)  # feedforward_modules defaults to []
+    assert module.adaptation.peft_config.feedforward_modules == set()
+    assert any(".ia3_l" in n for n, p in module.named_parameters() if p.requires_grad)
+
+
+def test_ia3_on_clip_adapts_the_image_tower_only():
+    config = {"target_modules": "default", "feedforward_modules": ["mlp.fc2"]}  # mlp.fc2 is in both towers
+    module = TransferModule(tiny_clip(), PeftMethod("IA3", config), num_classes=5)
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    assert trainable and not [n for n in trainable if "text_model" in n]
+    assert all(n.startswith("model.vision_model.") for n in module.adaptation.peft_config.feedforward_modules)
+
+
+@pytest.mark.parametrize(("method", "config"), [
+    ("LOHA", {"r": 2, "target_modules": ["attn.qkv"]}),
+    ("IA3", {"target_modules": ["attn.qkv", "mlp.fc2"], "feedforward_modules": ["mlp.fc2"]}),
+])
+def test_export_peft_loads_back_with_peft(method, config, tmp_path):
     from peft import PeftModel
 
-    module = TransferModule(tiny_vit(), PeftMethod("LOHA", {"r": 2, "target_modules": ["attn.qkv"]}),
-                            num_classes=5).eval()
+    module = TransferModule(tiny_vit(), PeftMethod(method, config), num_classes=5).eval()
     _perturb(module)
     module.adaptation.save_peft(module.backbone, tmp_path / "peft")
     fresh = tiny_vit()
