@@ -173,8 +173,9 @@ class TransferCLI(LightningCLI):
                 f"cannot read checkpoint {path!r} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                 "): it is truncated or not a checkpoint written by fit, or it holds objects other than tensors, which "
                 "are never unpickled here (weights_only=True). Pass a complete checkpoint written by fit.") from err
-        if before.get("test_time") is not None:
-            self.config[sub].model.test_time = before.test_time
+        # the test-time method is chosen when testing: the one given now, or none (never the checkpoint's, which
+        # could not be turned off: the source baseline of a model saved with a method would be unmeasurable)
+        self.config[sub].model.test_time = before.get("test_time")
         _check_flags_kept(self._model_flags, before, self.config[sub].model, self.config[sub].get("ckpt_path"))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:

@@ -136,6 +136,8 @@ class TransferModule(LightningModule):
         adaptation.set_class_names(class_names)  # strategies that build their classifier from names (CLIP)
         adaptation.attach(backbone, self.head)
         self.test_time = test_time
+        if test_time is not None:
+            test_time.check(self)  # e.g. BNAdapt on a model without BatchNorm: now, not after data and checkpoint
         _check_optimizer(optimizer)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -287,6 +289,13 @@ class TransferModule(LightningModule):
         if self.test_time is not None and not self._test_time_prepared:
             self.test_time.prepare(self, getattr(self.trainer, "datamodule", None))
             self._test_time_prepared = True
+
+    def on_test_end(self) -> None:
+        # hand the model back unadapted (weights, requires_grad, BatchNorm tracking): a second trainer.test in this
+        # process starts from the source model, not from where the first one's adaptation ended
+        if self.test_time is not None and self._test_time_prepared:
+            self.test_time.release(self)
+            self._test_time_prepared = False
 
     def _test_metrics_for(self, dataloader_idx: int) -> MetricCollection:
         if dataloader_idx == 0:

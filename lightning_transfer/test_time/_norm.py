@@ -49,6 +49,16 @@ def find_norm_layers(module: TransferModule, norm: NormKind) -> tuple[str, list[
     return norm, found[norm]
 
 
+def tracking_state(layers: list[nn.Module]) -> list[tuple[nn.Module, bool]]:
+    """Each BatchNorm layer's ``track_running_stats``, which :func:`use_batch_statistics` turns off."""
+    return [(m, bool(m.track_running_stats)) for m in layers if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def restore_tracking(saved: list[tuple[nn.Module, bool]]) -> None:
+    for m, tracking in saved:
+        setattr(m, "track_running_stats", tracking)  # noqa: B010 (nn.Module's __setattr__ typing rejects a bool)
+
+
 def use_batch_statistics(layers: list[nn.Module]) -> None:
     """BatchNorm normalises with the test batch's statistics and leaves its running buffers untouched.
 
@@ -159,6 +169,7 @@ class NormAffineAdaptation(TestTimeAdaptation):
         self._initial: tuple[list[Tensor], dict[str, Any]] | None = None
         self._direct = False
         self._checked = False
+        self._saved: tuple[list[tuple[nn.Parameter, bool]], list[tuple[nn.Module, bool]]] | None = None
 
     def loss(self, features: Tensor, logits: Tensor) -> Tensor:
         """The unsupervised objective on one batch: features (B, D), logits (B, C) -> scalar."""
@@ -180,6 +191,8 @@ class NormAffineAdaptation(TestTimeAdaptation):
     def prepare(self, module: TransferModule, datamodule: Any) -> None:
         kind, self.layers, self.params = self._norm_layers(module)
         check_test_batch_size(self, kind, datamodule)
+        self._saved = ([(p, p.requires_grad) for part in model_modules(module).values() for p in part.parameters()],
+                       tracking_state(self.layers))
         for part in model_modules(module).values():  # only the affine parameters receive gradients (Tent)
             part.requires_grad_(False)
         for p in self.params:
@@ -203,6 +216,15 @@ class NormAffineAdaptation(TestTimeAdaptation):
             for p, saved in zip(self.params, params):
                 p.copy_(saved)
         self.optimizer.load_state_dict(copy.deepcopy(opt_state))
+
+    def release(self, module: TransferModule) -> None:
+        self.reset()
+        if self._saved is not None:
+            flags, tracking = self._saved
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            restore_tracking(tracking)
+            self._saved = None
 
     def features_and_logits(self, module: TransferModule, inputs: Tensor) -> tuple[Tensor, Tensor]:
         """One forward pass of the model as its strategy runs it, keeping the head's input features.

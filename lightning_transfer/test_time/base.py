@@ -53,6 +53,12 @@ class TestTimeAdaptation(nn.Module, RecordsInitArgs):
     def reset(self) -> None:
         """Restore the state saved by :meth:`prepare` (episodic mode, or between corruption types)."""
 
+    def release(self, module: TransferModule) -> None:
+        """After testing: hand the model back as :meth:`prepare` found it (weights, ``requires_grad``, BatchNorm
+        running-statistics tracking), so a later test starts from the source model and a later fit trains as
+        configured. The module calls :meth:`prepare` again before its next test."""
+        self.reset()
+
     def fit_state_shapes(self, state: dict[str, Tensor]) -> None:
         """Before loading ``state`` (keys relative to this module): give still-empty buffers the saved shapes.
 

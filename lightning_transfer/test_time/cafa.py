@@ -148,6 +148,14 @@ class CAFA(NormAffineAdaptation):
             self.register_buffer(name, torch.empty(0))
         self.register_buffer("precisions", torch.empty(0), persistent=False)
 
+    def check(self, module: TransferModule) -> None:
+        super().check(module)
+        if module.head is None:
+            raise ValueError(
+                f"CAFA aligns the features a linear head reads, and {type(module.adaptation).__name__} has no such "
+                "head (its classifier is built from class names): use Tent or BNAdapt with it"
+            )
+
     @property
     def has_statistics(self) -> bool:
         return self.class_means.numel() > 0

@@ -9,7 +9,13 @@ from torch import Tensor, nn
 
 from lightning_transfer import distributed
 from lightning_transfer.registry import register_test_time
-from lightning_transfer.test_time._norm import check_test_batch_size, find_norm_layers, use_batch_statistics
+from lightning_transfer.test_time._norm import (
+    check_test_batch_size,
+    find_norm_layers,
+    restore_tracking,
+    tracking_state,
+    use_batch_statistics,
+)
 from lightning_transfer.test_time.base import TestTimeAdaptation
 
 if TYPE_CHECKING:
@@ -34,6 +40,7 @@ class BNAdapt(TestTimeAdaptation):
     def __init__(self, episodic: bool = False, reset_between_dataloaders: bool = True) -> None:
         super().__init__(episodic, reset_between_dataloaders)
         self.layers: list[nn.Module] = []
+        self._tracking: list[tuple[nn.Module, bool]] = []
 
     def check(self, module: TransferModule) -> None:
         self._batch_norms(module)
@@ -51,7 +58,12 @@ class BNAdapt(TestTimeAdaptation):
     def prepare(self, module: TransferModule, datamodule: Any) -> None:
         self.layers = self._batch_norms(module)
         check_test_batch_size(self, "batch", datamodule)
+        self._tracking = tracking_state(self.layers)
         use_batch_statistics(self.layers)
+
+    def release(self, module: TransferModule) -> None:
+        restore_tracking(self._tracking)
+        self._tracking = []
 
     def adapt(self, module: TransferModule, batch: Any) -> Tensor:
         if not self.layers:

@@ -22,3 +22,18 @@ def test_test_time_method_given_at_test_time_is_used_with_a_checkpoint():
     assert cli.config.test.trainer.inference_mode is False  # set by the CLI: the run would fail otherwise
     assert cli.model.test_time.optimizer is not None  # prepared and used (LayerNorm on the ViT)
     assert {type(m).__name__ for m in cli.model.test_time.layers} == {"LayerNorm"}
+
+
+def test_the_checkpoint_s_method_is_not_used_unless_given_and_a_wrong_one_fails_first():
+    import pytest
+
+    fit = TransferCLI(args=["fit", "--config", QUICK, "--config", str(REPO / "configs/test_time/tent.yaml"), *FAST])
+    ckpt = fit.trainer.checkpoint_callback.last_model_path
+    assert isinstance(fit.model.test_time, Tent)  # saved with the model's settings
+    plain = TransferCLI(args=["test", "--config", QUICK, "--ckpt_path", ckpt, "--trainer.logger=false",
+                              "--trainer.limit_test_batches=1"])
+    assert plain.model.test_time is None  # the source baseline stays measurable
+    # BNAdapt on the quickstart ViT (LayerNorm only): refused when the model is built, before data or checkpoint
+    with pytest.raises(ValueError, match="BNAdapt needs BatchNorm layers.*use Tent"):
+        TransferCLI(args=["test", "--config", QUICK, "--config", str(REPO / "configs/test_time/bn_adapt.yaml"),
+                          "--ckpt_path", ckpt, "--trainer.logger=false"])

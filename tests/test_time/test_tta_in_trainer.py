@@ -97,3 +97,18 @@ def test_checkpoint_without_test_time_state_loads_into_a_model_with_one(tmp_path
     with_cafa.on_load_checkpoint(checkpoint)  # the module's own check accepts the missing CAFA buffers
     with_cafa.load_state_dict(checkpoint["state_dict"], strict=True)
     assert not with_cafa.test_time.has_statistics
+
+
+def test_a_second_test_in_one_process_starts_from_the_source_model():
+    target = _tensors(3, 30, 0.7)
+    module = _module(Tent())
+    source = {k: v.clone() for k, v in module.state_dict().items()}
+    first = _trainer(inference_mode=False).test(module, datamodule=_Data([target]), verbose=False)
+    after = module.state_dict()
+    for key, value in source.items():  # handed back unadapted: a checkpoint saved now holds the source weights
+        assert torch.equal(after[key], value), key
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.track_running_stats for m in norms)  # a later fit updates the running statistics
+    second = _trainer(inference_mode=False).test(module, datamodule=_Data([target]), verbose=False)
+    assert second[0]["test/acc"] == first[0]["test/acc"]
+    assert second[0]["test/ece"] == pytest.approx(first[0]["test/ece"], abs=1e-7)

@@ -157,10 +157,8 @@ def test_bn_adapt_uses_batch_statistics_without_gradients_or_buffer_changes():
 
 
 def test_bn_adapt_on_a_vit_says_to_use_tent():
-    method = BNAdapt()
-    module = _model(method, backbone=tiny_vit())
-    with pytest.raises(ValueError, match="use Tent"):
-        method.prepare(module, None)
+    with pytest.raises(ValueError, match="use Tent"):  # when the model is built, before any data or checkpoint
+        _model(BNAdapt(), backbone=tiny_vit())
 
 
 def test_tent_on_a_vit_adapts_layernorm():
@@ -291,6 +289,24 @@ def test_cafa_statistics_path_is_written_then_read_without_source(tmp_path):
     second.prepare(_model(second), None)  # no source data needed any more
     assert second.class_covariances.shape[0] == 1
     torch.testing.assert_close(second.class_covariances, first.class_covariances, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["tent", "cafa", "bn_adapt"])
+def test_release_hands_the_model_back_as_prepare_found_it(kind):
+    method = BNAdapt() if kind == "bn_adapt" else _make(kind)
+    module = _model(method)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    flags = {n: p.requires_grad for n, p in module.named_parameters()}
+    method.prepare(module, _Source())
+    for batch in _batches(2):
+        _adapt(method, module, batch)
+    norms = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and not any(m.track_running_stats for m in norms)
+    method.release(module)
+    assert all(m.track_running_stats for m in norms)  # a later fit updates the running statistics again
+    assert {n: p.requires_grad for n, p in module.named_parameters()} == flags
+    for n, p in module.named_parameters():
+        assert torch.equal(p, before[n]), n
 
 
 def test_check_refuses_a_method_the_model_cannot_take_without_touching_it():
