@@ -230,6 +230,13 @@ def _check_runnable(subcommand: str | None, model: Any, datamodule: Any) -> None
     if subcommand == "fit" and adaptation.trains_nothing:
         raise ValueError(f"{type(adaptation).__name__} trains nothing, so there is nothing to fit: run validate or "
                          "test with it, or choose a strategy that trains")
+    if adaptation.needs_text_tower and getattr(datamodule, "class_names_generated", False):
+        names = datamodule.class_names
+        raise ValueError(
+            f"{type(adaptation).__name__} builds its classifier from class names, but {type(datamodule).__name__} "
+            f"has only placeholders ({', '.join(map(repr, names[:3]))}{', ...' if len(names) > 3 else ''}), from "
+            "which no prompt means anything: pass the real names in order as data.init_args.class_names"
+        )
     # every shipped datamodule yields images; one of the user's own may yield token ids
     shipped = type(datamodule).__module__.startswith("lightning_transfer.datamodules")
     if shipped and model.backbone.data_config().get("modality") == "text":

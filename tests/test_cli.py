@@ -228,6 +228,23 @@ def test_fit_with_a_strategy_that_trains_nothing_is_refused_before_the_run_start
     assert not (tmp_path / "runs").exists(), "no run folder for a run that cannot start"
 
 
+def test_clip_prompts_from_placeholder_class_names_are_refused_before_the_run_starts(tmp_path):
+    from PIL import Image
+
+    for i in range(4):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "list.csv").write_text("".join(f"{i}.png,{i % 2}\n" for i in range(4)))  # integer labels only
+    data = ["--data=lightning_transfer.datamodules.csv_images.CSVImages",
+            f"--data.init_args.csv_file={tmp_path / 'list.csv'}", "--data.init_args.num_shots=null"]
+    with pytest.raises(ValueError, match=r"CoOp builds its classifier from class names, but CSVImages has only "
+                                         r"placeholders \('0', '1'\).*data.init_args.class_names"):
+        TransferCLI(args=["fit", *_tiny_clip_config(tmp_path, "CoOp"), *data])
+    assert not (tmp_path / "runs").exists(), "no run folder for a run that cannot start"
+    named = TransferCLI(args=[*_tiny_clip_config(tmp_path, "CoOp"), *data, "--data.init_args.class_names=[cat, dog]"],
+                        run=False)
+    assert named.model.adaptation.class_names == ["cat", "dog"]
+
+
 def test_a_text_backbone_with_an_image_datamodule_is_refused_before_the_run_starts(tmp_path):
     from tests.helpers.text_models import tiny_bert_dir
 

@@ -166,6 +166,10 @@ class TransferDataModule(LightningDataModule):
         # several test sets (e.g. one per corruption and severity): one test dataloader each, in order
         self.test_sets: list[Dataset] = []
 
+    # True where class_names are placeholders ("0", "1", ...) the datamodule made up for lack of real names: a
+    # prompt built from them means nothing, so CLIP-style methods refuse them
+    class_names_generated: bool = False
+
     # ---- what the model needs -----------------------------------------------------------------------------
     @property
     def num_classes(self) -> int:

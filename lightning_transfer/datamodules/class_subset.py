@@ -76,6 +76,10 @@ class ClassSubset(TransferDataModule):
         return base if self.subset == "base" else new
 
     @property
+    def class_names_generated(self) -> bool:  # type: ignore[override]  # a flag attribute on the base
+        return self.data.class_names_generated
+
+    @property
     def class_names(self) -> list[str]:
         names = self.data.class_names
         return [names[i] for i in self._labels()]
@@ -88,9 +92,24 @@ class ClassSubset(TransferDataModule):
         self.data.setup(stage or "fit")
         remap = {old: new for new, old in enumerate(self._labels())}
         for split, dataset in self.data.datasets.items():
-            keep_all = dataset_labels(dataset)
-            keep = [i for i, y in enumerate(keep_all) if y in remap]
-            self.datasets[split] = _Relabelled(dataset, keep, remap)
+            self.datasets[split], keep, keep_all = self._restrict(dataset, remap)
             inner = self.data.splits.get(split)
             self.splits[split] = [inner[i] for i in keep] if inner is not None and len(inner) == len(keep_all) else keep
+        # several test sets (one per corruption, ...): each restricted, in the inner order (names: test_names)
+        self.test_sets = [self._restrict(d, remap)[0] for d in self.data.test_sets]
+        if self.test_sets:
+            self.datasets["test"] = self.test_sets[0]
         self.log_split_digest()
+
+    @staticmethod
+    def _restrict(dataset: Dataset, remap: dict[int, int]) -> tuple[_Relabelled, list[int], list[int]]:
+        """``dataset`` without the other classes, relabelled; also the kept indices and all the labels."""
+        labels = dataset_labels(dataset)
+        keep = [i for i, y in enumerate(labels) if y in remap]
+        return _Relabelled(dataset, keep, remap), keep, labels
+
+    @property
+    def test_names(self) -> list[str] | None:
+        """The names of the inner datamodule's test sets (``None`` where it has none)."""
+        names = getattr(self.data, "test_names", None)
+        return list(names) if names is not None else None

@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 from torch import Tensor
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 
 from lightning_transfer.datamodules.base import TransferDataModule, fewshot_indices, stratified_split
+from lightning_transfer.datamodules.files import image_channels
 from lightning_transfer.registry import register_datamodule
 
 Rng = np.random.Generator
@@ -122,12 +123,13 @@ def motion_blur(x: np.ndarray, severity: int, rng: Rng) -> np.ndarray:
 
 
 def _clipped_zoom(img: np.ndarray, zoom: float) -> np.ndarray:
-    h = img.shape[0]
-    ch = int(np.ceil(h / zoom))
-    top = (h - ch) // 2
-    out = ndimage.zoom(img[top:top + ch, top:top + ch], (zoom, zoom) + (1,) * (img.ndim - 2), order=1)
-    trim = (out.shape[0] - h) // 2
-    return out[trim:trim + h, trim:trim + h]
+    """Zoom about the centre, cropped back to (H, W); height and width separately (the original assumes squares)."""
+    h, w = img.shape[:2]
+    ch, cw = int(np.ceil(h / zoom)), int(np.ceil(w / zoom))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    out = ndimage.zoom(img[top:top + ch, left:left + cw], (zoom, zoom) + (1,) * (img.ndim - 2), order=1)
+    trim_top, trim_left = (out.shape[0] - h) // 2, (out.shape[1] - w) // 2
+    return out[trim_top:trim_top + h, trim_left:trim_left + w]
 
 
 def zoom_blur(x: np.ndarray, severity: int, rng: Rng) -> np.ndarray:
@@ -360,14 +362,44 @@ class CorruptedDataset(Dataset):
 
 
 def uint8_images_to_tensor(images: np.ndarray, data_config: dict[str, Any]) -> Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H', W') float, resized to ``input_size`` and normalised."""
+    """(N, H, W, 3) uint8 -> (N, C, H', W') float, resized to ``input_size`` and normalised.
+
+    C is 3, or 1 for a gray backbone (ITU-R 601 luma, as ``DigitImages`` and PIL's "L" weigh the channels).
+    """
     _, h, w = data_config["input_size"]
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0  # (N, 3, H, W)
+    if image_channels(data_config) == 1:
+        x = torch.einsum("nchw,c->nhw", x, torch.tensor([0.299, 0.587, 0.114]))[:, None]  # (N, 1, H, W)
     if x.shape[-2:] != (h, w):
         x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
     mean = torch.tensor(data_config["mean"], dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(data_config["std"], dtype=torch.float32).view(1, -1, 1, 1)
     return ((x - mean) / std).contiguous()
+
+
+class UInt8Images(Dataset):
+    """(N, H, W, 3) uint8 images kept at their stored size; each item is resized and normalised when it is read.
+
+    Equals :func:`uint8_images_to_tensor` on the whole array, without holding N float images at the backbone's
+    size (15 CIFAR-10-C sets of 10,000 images at 224x224 would take ~90 GB); workers receive only the uint8 bytes.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray | Tensor, data_config: dict[str, Any]) -> None:
+        image_channels(data_config)  # a channel count that images cannot have fails in setup, not in a worker
+        self.images = np.ascontiguousarray(images)  # (N, H, W, 3) uint8
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.data_config = dict(data_config)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return uint8_images_to_tensor(self.images[index][None], self.data_config)[0], self.labels[index]
+
+    @property
+    def targets(self) -> list[int]:
+        """The labels, without resizing an image (what class subsets need)."""
+        return self.labels.tolist()
 
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -393,7 +425,8 @@ class NpzImages(TransferDataModule):
         corruption_seed: seed of the on-the-fly corruptions.
         corrupted_dir: folder of the official ``<corruption>.npy`` + ``labels.npy`` files to use instead; a
             relative path is relative to ``data_dir``, like ``train_file`` and ``test_file``.
-        val_fraction: fraction of each training class held out for validation.
+        val_fraction: fraction of each training class held out for validation (with ``num_shots``, min(K, 4)
+            images per class of it, as in CoOp).
         class_names: class names (default: CIFAR-10's when there are 10 classes, else "0", "1", ...).
         **kwargs: see :class:`TransferDataModule` (batch_size, num_workers, num_shots, seed, data_config).
     """
@@ -455,6 +488,11 @@ class NpzImages(TransferDataModule):
         n = int(y.max()) + 1
         return CIFAR10_CLASSES if n == 10 else [str(i) for i in range(n)]
 
+    @property
+    def class_names_generated(self) -> bool:  # type: ignore[override]  # a flag attribute on the base
+        """True when no ``class_names`` were given and the class count is not CIFAR-10's: the names are "0", ..."""
+        return self._class_names is None and self.class_names != CIFAR10_CLASSES
+
     def _corrupted_root(self) -> Path:
         """``corrupted_dir``, relative to ``data_dir`` unless absolute (the working directory never matters)."""
         return self.data_dir / Path(str(self.corrupted_dir)).expanduser()  # an absolute right side replaces data_dir
@@ -487,17 +525,16 @@ class NpzImages(TransferDataModule):
         cfg = self.data_config()
         if stage not in ("fit", "validate") and not self.test_sets:  # corrupting is the slow part: only to test
             x, y = self._read(self.test_file) if self.test_file is not None else (None, None)
-            self.test_sets = [TensorDataset(uint8_images_to_tensor(xi, cfg), torch.as_tensor(yi))
-                              for xi, yi in self._test_images(x, y)]
+            self.test_sets = [UInt8Images(xi, yi, cfg) for xi, yi in self._test_images(x, y)]
             self.datasets["test"] = self.test_sets[0]
         if self.train_file is not None and "train" not in self.datasets:
             tx, ty = self._read(self.train_file)
             rest, held = stratified_split(ty.tolist(), self.val_fraction, seed=self.seed)
-            if self.num_shots is not None:
+            if self.num_shots is not None:  # K per class; validation min(K, 4) per class, as in CoOp
                 rest = [rest[i] for i in fewshot_indices(ty[rest].tolist(), self.num_shots, self.seed)]
-            images = uint8_images_to_tensor(tx, cfg)
-            labels = torch.as_tensor(ty)
+                held = [held[i] for i in fewshot_indices(ty[held].tolist(), min(self.num_shots, 4), self.seed,
+                                                         strict=False)]
             self.splits = {"train": rest, "val": held}
-            self.datasets["train"] = TensorDataset(images[rest], labels[rest])
-            self.datasets["val"] = TensorDataset(images[held], labels[held])
+            self.datasets["train"] = UInt8Images(tx[rest], ty[rest], cfg)
+            self.datasets["val"] = UInt8Images(tx[held], ty[held], cfg)
         self.log_split_digest()

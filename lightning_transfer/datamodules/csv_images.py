@@ -67,6 +67,7 @@ class CSVImages(FileListDataModule):
         self.csv_file = Path(csv_file).expanduser()
         self.root = Path(image_root).expanduser() if image_root else self.csv_file.parent
         self._class_names = list(class_names) if class_names is not None else None
+        self._names_given = class_names is not None
         self._rows: list[tuple[int, str, str, str]] | None = None
         self.variant = f"csv:{self.csv_file.name}"
         self.listed_in = str(self.csv_file)
@@ -93,6 +94,12 @@ class CSVImages(FileListDataModule):
                 raise ValueError(f"{self.csv_file} lists no images")
             self._rows = rows
         return self._rows
+
+    @property
+    def class_names_generated(self) -> bool:  # type: ignore[override]  # a flag attribute on the base
+        """True when the labels are integers and no ``class_names`` were given: the names are "0", "1", ..."""
+        names = self.class_names
+        return not self._names_given and names == [str(i) for i in range(len(names))]
 
     @property
     def class_names(self) -> list[str]:

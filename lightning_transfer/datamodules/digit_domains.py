@@ -185,7 +185,8 @@ class DigitDomains(TransferDataModule):
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         self.source, self.target, self.download, self.val_fraction = source, target, download, val_fraction
         self.root = Path(root).expanduser() if root else self.data_dir
-        self.variant = ""
+        self._formats: dict[str, str] = {}  # file format of each part read ("train", "test")
+        self._labels: dict[str, np.ndarray] = {}  # labels of the array each split's indices point into
 
     @property
     def class_names(self) -> list[str]:
@@ -200,29 +201,55 @@ class DigitDomains(TransferDataModule):
                 load_digits_set(name, self.root / name, split, download=True)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
-            return
-        loaded = {part: load_digits_set(name, self.root / name, split, self.download)
-                  for part, (name, split) in self._parts().items()}
-        (train_x, train_y, train_fmt), (test_x, test_y, test_fmt) = loaded["train"], loaded["test"]
+        """The target's test split always; the source's training split only for ``fit`` / ``validate`` (or no
+        stage), so testing a checkpoint needs only the target's files. :meth:`train_dataloader` loads it on demand
+        (CAFA's source statistics at test time)."""
+        if stage in ("fit", "validate", None) and "train" not in self.datasets:
+            self._setup_train()
+        if "test" not in self.datasets:
+            name, split = self._parts()["test"]
+            test_x, test_y, self._formats["test"] = load_digits_set(name, self.root / name, split, self.download)
+            self.splits["test"] = list(range(len(test_y)))
+            self._labels["test"] = test_y
+            self.datasets["test"] = DigitImages(test_x, test_y, self.data_config())
+        self.log_split_digest()
+
+    def _setup_train(self) -> None:
+        name, split = self._parts()["train"]
+        train_x, train_y, self._formats["train"] = load_digits_set(name, self.root / name, split, self.download)
         rest, held = stratified_split(train_y, self.val_fraction, seed=0)
         if self.num_shots is not None:
             rest = [rest[i] for i in fewshot_indices(train_y[rest], self.num_shots, self.seed,
                                                      class_names=self.class_names)]
             held = [held[i] for i in fewshot_indices(train_y[held], min(self.num_shots, 4), self.seed, strict=False)]
-        self.splits = {"train": rest, "val": held, "test": list(range(len(test_y)))}
-        self.variant = f"{self.source}[{train_fmt}]->{self.target or self.source}[{test_fmt}]"
+        self.splits.update(train=rest, val=held)
+        self._labels.update(train=train_y, val=train_y)
         cfg = self.data_config()
-        self.datasets = {"train": DigitImages(train_x[rest], train_y[rest], cfg),
-                         "val": DigitImages(train_x[held], train_y[held], cfg),
-                         "test": DigitImages(test_x, test_y, cfg)}
-        labels = {"train": train_y, "val": train_y, "test": test_y}
-        self._digest_items = {k: [f"{i}:{labels[k][i]}" for i in v] for k, v in self.splits.items()}
-        self.log_split_digest()
+        self.datasets.update(train=DigitImages(train_x[rest], train_y[rest], cfg),
+                             val=DigitImages(train_x[held], train_y[held], cfg))
+
+    def train_dataloader(self) -> Any:
+        if "train" not in self.datasets:  # set up for testing only: read the source's training split now
+            self._setup_train()
+            self.log_split_digest()
+        return super().train_dataloader()
+
+    def val_dataloader(self) -> Any:
+        if "val" not in self.datasets:
+            self._setup_train()
+            self.log_split_digest()
+        return super().val_dataloader()
 
     def split_info(self) -> dict[str, Any]:
         """Hash of the split membership (indices and labels), the source/target variant and the split sizes."""
         if not self.splits:
             return {}
-        return {"data/split_digest": split_digest(self._digest_items), "data/name": type(self).__name__,
+        items = {k: [f"{i}:{self._labels[k][i]}" for i in v] for k, v in self.splits.items()}
+        return {"data/split_digest": split_digest(items), "data/name": type(self).__name__,
                 "data/variant": self.variant, **{f"data/num_{k}": len(v) for k, v in self.splits.items()}}
+
+    @property
+    def variant(self) -> str:
+        """``<source>[<format>]-><target>[<format>]`` of the files read (``unread`` for a split not loaded)."""
+        train, test = (self._formats.get(k, "unread") for k in ("train", "test"))
+        return f"{self.source}[{train}]->{self.target or self.source}[{test}]"

@@ -103,6 +103,23 @@ class ImageList(Dataset):
         return (self.transform(image) if self.transform is not None else image), label
 
 
+def image_channels(data_config: dict[str, Any]) -> int:
+    """The channels the backbone takes: 3 (RGB) or 1 (gray, PIL's "L" luma); any other count is an error."""
+    channels = int(data_config["input_size"][0])
+    if channels not in (1, 3):
+        raise ValueError(f"data_config input_size {tuple(data_config['input_size'])} asks for {channels} channels, "
+                         "but images are read as 1 (gray) or 3 (RGB) channels: build the backbone with 1 or 3 "
+                         "input channels or fix data_config's input_size")
+    return channels
+
+
+def with_channels(transform: Any, data_config: dict[str, Any]) -> Any:
+    """``transform`` after a conversion to gray when the backbone takes 1 channel (PIL images in)."""
+    from torchvision.transforms import Compose, Grayscale
+
+    return Compose([Grayscale(1), transform]) if image_channels(data_config) == 1 else transform
+
+
 def eval_geometry(data_config: dict[str, Any]) -> tuple[int, int, int]:
     """(resize size of the shorter side, crop height, crop width) of timm's evaluation transform."""
     _, h, w = data_config["input_size"]
@@ -123,24 +140,43 @@ def direct_resize_transform(data_config: dict[str, Any]) -> Any:
     from torchvision.transforms import Compose, Normalize, Resize, ToTensor
 
     _, h, w = data_config["input_size"]
-    return Compose([Resize((h, w), interpolation=_interpolation(data_config)), ToTensor(),
-                    Normalize(data_config["mean"], data_config["std"])])
+    return with_channels(Compose([Resize((h, w), interpolation=_interpolation(data_config)), ToTensor(),
+                                  Normalize(data_config["mean"], data_config["std"])]), data_config)
 
 
 def decode_uint8(path: str, data_config: dict[str, Any], direct_resize: bool = False) -> Tensor:
-    """One image resized (shorter side) and centre-cropped like the evaluation transform: (3, H, W) uint8.
+    """One image resized (shorter side) and centre-cropped like the evaluation transform: (C, H, W) uint8.
 
     With ``direct_resize`` the image is resized straight to (H, W) instead, as :func:`direct_resize_transform`.
+    C is the backbone's channels: 3, or 1 (converted to gray first, as :func:`with_channels`). timm's ``crop_mode``
+    is followed: ``squash`` resizes both sides by 1 / crop_pct (no aspect ratio kept), ``border`` fits the long side
+    and pads with the mean, ``center`` (the default) resizes the short side.
     """
     from torchvision.transforms import CenterCrop, Resize
 
     size, h, w = eval_geometry(data_config)
     mode = _interpolation(data_config)
+    crop_pct = float(data_config.get("crop_pct") or 1.0)
+    crop_mode = data_config.get("crop_mode") or "center"
+    image = read_image(path)
+    if image_channels(data_config) == 1:
+        image = image.convert("L")
     if direct_resize:
-        image = Resize((h, w), interpolation=mode)(read_image(path))
+        image = Resize((h, w), interpolation=mode)(image)
+    elif crop_mode == "squash":
+        squash = Resize((math.floor(h / crop_pct), math.floor(w / crop_pct)), interpolation=mode)
+        image = CenterCrop((h, w))(squash(image))
+    elif crop_mode == "border":
+        from timm.data.transforms import CenterCropOrPad, ResizeKeepRatio
+
+        fill: Any = [round(255 * v) for v in data_config["mean"]]  # as timm's eval transform (its hints are narrower)
+        scale = (math.floor(h / crop_pct), math.floor(w / crop_pct))
+        image = CenterCropOrPad([h, w], fill=fill)(ResizeKeepRatio(
+            scale, interpolation=str(data_config.get("interpolation", "bilinear")), longest=1.0)(image))
     else:
-        image = CenterCrop((h, w))(Resize(size, interpolation=mode)(read_image(path)))
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+        image = CenterCrop((h, w))(Resize(size, interpolation=mode)(image))
+    array = np.atleast_3d(np.asarray(image, dtype=np.uint8))  # (H, W, C): "L" images come as (H, W)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
 class UInt8Cache(Dataset):
@@ -155,6 +191,7 @@ class UInt8Cache(Dataset):
     def __init__(self, samples: Sequence[Sample], data_config: dict[str, Any], flip: bool = False,
                  images: Tensor | None = None, direct_resize: bool = False) -> None:
         self.samples = [(str(p), int(y)) for p, y in samples]
+        image_channels(data_config)  # a channel count that images cannot have fails here, not in a worker
         self.images = images if images is not None else torch.stack([decode_uint8(p, data_config, direct_resize)
                                                                      for p, _ in self.samples])
         self.labels = torch.tensor([y for _, y in self.samples], dtype=torch.long)

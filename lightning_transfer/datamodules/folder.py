@@ -15,16 +15,21 @@ from lightning_transfer.datamodules.base import (
     split_digest,
     stratified_split,
 )
-from lightning_transfer.datamodules.files import read_image
+from lightning_transfer.datamodules.files import read_image, with_channels
 from lightning_transfer.registry import register_datamodule
 
 
 def build_transform(data_config: dict[str, Any], training: bool, augment: bool) -> Any:
-    """timm's standard transforms from the backbone's data config (random-resized-crop + flip when augmenting)."""
+    """timm's standard transforms from the backbone's data config (random-resized-crop + flip when augmenting).
+
+    A 1-channel backbone gets gray images (PIL's "L"), converted before timm's transform. ``crop_mode`` (timm's
+    ``center``, ``squash`` or ``border``) chooses the evaluation geometry, as timm's own pipeline does.
+    """
     from timm.data import create_transform
 
-    cfg = {k: data_config[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct") if k in data_config}
-    return create_transform(**cfg, is_training=training and augment)
+    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    cfg = {k: data_config[k] for k in keys if k in data_config}
+    return with_channels(create_transform(**cfg, is_training=training and augment), data_config)
 
 
 @register_datamodule("image_folder")
@@ -32,7 +37,9 @@ class ImageFolder(TransferDataModule):
     """Images in ``root/<split>/<class>/*`` (``train`` required; ``val`` and ``test`` optional).
 
     Classes are the sub-folders of ``train`` in sorted order. Without a ``val`` folder 10% of ``train`` (per class,
-    fixed seed) is held out for validation; without ``test`` the validation set is used for testing.
+    fixed seed) is held out for validation; without ``test`` the validation set is used for testing. With
+    ``num_shots`` the training set has K images per class and validation ``min(K, 4)`` (CoOp's protocol); the test
+    set stays whole.
 
     Args:
         root: the dataset folder.
@@ -100,7 +107,16 @@ class ImageFolder(TransferDataModule):
         self.splits = cached_split(self.data_dir / "splits" / f"folder_{self.root.name}_{files}_{tag}.json", make,
                                    ("train", "val"), len(labels))
         self.datasets["train"] = Subset(train_full, self.splits["train"])
-        self.datasets["val"] = (self._folder("val", eval_tf) if has_val
-                                else Subset(self._folder("train", eval_tf), self.splits["val"]))
-        self.datasets["test"] = self._folder("test", eval_tf) if (self.root / "test").is_dir() else self.datasets["val"]
+        val_folder = self._folder("val", eval_tf) if has_val else None
+        val_full = val_folder if val_folder is not None else Subset(self._folder("train", eval_tf), self.splits["val"])
+        self.datasets["val"] = val_full
+        if self.num_shots is not None:  # min(K, 4) per class, as in CoOp (a fixed draw: not cached)
+            val_labels = ([t for _, t in val_folder.samples] if val_folder is not None
+                          else [labels[i] for i in self.splits["val"]])
+            keep = fewshot_indices(val_labels, min(self.num_shots, 4), self.seed, strict=False)
+            self.datasets["val"] = Subset(val_full, keep)
+            # indices into val/ when it exists, else into train/ (as the held-out list)
+            self.splits["val"] = keep if has_val else [self.splits["val"][i] for i in keep]
+        # the test set is never reduced: test/, or else the whole validation pool
+        self.datasets["test"] = self._folder("test", eval_tf) if (self.root / "test").is_dir() else val_full
         self.log_split_digest()

@@ -32,6 +32,40 @@ VTAB_ALIASES: dict[str, str] = {
     "smallnorb_elevation": "smallnorb_ele", "kitti_distance": "kitti",
 }
 _LISTS = {"tune": ("train800.txt", "val200.txt"), "final": ("train800val200.txt", "test.txt")}
+_SIZES = {"train800.txt": 800, "val200.txt": 200, "train800val200.txt": 1000}
+
+
+def check_vtab_lists(lists: dict[str, list[Sample]]) -> None:
+    """train800 and val200 must be disjoint and train800val200 their union (else tune-mode numbers leak or final
+    mode trains on other images); sizes other than 800 / 200 / 1,000 are a warning (tiny test fixtures have them).
+
+    ``lists`` maps the list file names of :data:`_SIZES` to their (path, label) samples; a missing one skips the check.
+    """
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    if set(lists) != set(_SIZES):
+        return
+    train, val, union = (lists[name] for name in _SIZES)
+    shared = sorted({p for p, _ in train} & {p for p, _ in val})
+    if shared:
+        raise ValueError(f"VTAB-1k lists train800.txt and val200.txt share {len(shared)} image(s), e.g. "
+                         f"{_relative(shared[0])!r}: tune-mode validation would score training images; re-prepare "
+                         "the task's lists (they must be disjoint)")
+    odd = sorted(set(union) ^ set(train + val))
+    if odd or len(union) != len(train) + len(val):
+        example = f", e.g. {_relative(odd[0][0])!r} is in one and not the other" if odd else " (repeated lines)"
+        raise ValueError(f"VTAB-1k list train800val200.txt is not train800.txt + val200.txt{example}: re-prepare the "
+                         "task's lists so that train800val200.txt holds exactly the lines of the two")
+    sizes = [len(lists[name]) for name in _SIZES]
+    if sizes != list(_SIZES.values()):
+        rank_zero_warn(f"VTAB-1k lists train800.txt has {sizes[0]} images, val200.txt {sizes[1]} and "
+                       f"train800val200.txt {sizes[2]}; VTAB-1k's lists have 800, 200 and 1000: numbers from this "
+                       "preparation are not comparable with published ones")
+
+
+def _relative(path: str) -> str:
+    """``.../images/x.jpg`` -> ``images/x.jpg`` for messages (the prepared layout keeps images under images/)."""
+    return "images/" + path.rsplit("/images/", 1)[1] if "/images/" in path else path
 
 
 def vtab_task(name: str) -> str:
@@ -123,6 +157,7 @@ class VTAB1k(FileListDataModule):
         self.direct_resize = resize == "direct"
         self.root = Path(root).expanduser() if root else self.data_dir / "vtab-1k" / self.task_name
         self._class_names = list(class_names) if class_names is not None else [str(i) for i in range(n)]
+        self.class_names_generated = class_names is None  # the prepared lists carry only indices
 
     @property
     def class_names(self) -> list[str]:
@@ -143,8 +178,11 @@ class VTAB1k(FileListDataModule):
         self.variant = (f"vtab1k/{self.task_name}/{self.mode}/{self.resize}{h}x{w}/"
                         f"{cfg.get('interpolation', 'bilinear')}{'/augment' if self.augment else ''}")
         self.listed_in = f"{train_list}, {eval_list}"
-        evaluation = read_split_list(eval_list, self.root)
-        return {"train": read_split_list(train_list, self.root), "val": evaluation, "test": evaluation}
+        lists = {name: read_split_list(self.root / name, self.root) for name in _SIZES if (self.root / name).is_file()}
+        check_vtab_lists(lists)
+        evaluation = lists.get(eval_list.name) or read_split_list(eval_list, self.root)
+        train = lists.get(train_list.name) or read_split_list(train_list, self.root)
+        return {"train": train, "val": evaluation, "test": evaluation}
 
     def split_info(self) -> dict[str, Any]:
         """The base's split hash and variant, plus a hash of the first 8 training files' bytes (cheap to read)."""

@@ -138,7 +138,7 @@ def test_datamodule_one_test_loader_per_corruption(tmp_path):
     assert dm.class_names[0] == "airplane" and dm.num_classes == 10
     raw = np.load(tmp_path / "test" / "d.npz")["x"]
     expected = (torch.from_numpy(corrupt(raw[3], "contrast", 5)).permute(2, 0, 1).float() / 255 - 0.5) / 0.25
-    torch.testing.assert_close(dm.test_sets[3].tensors[0][3], expected)
+    torch.testing.assert_close(dm.test_sets[3][3][0], expected)
     assert len(dm.datasets["train"]) + len(dm.datasets["val"]) == 20
     clean = NpzImages(data_dir=str(tmp_path), train_file=None, test_file="test/d.npz", data_config=cfg)
     clean.setup()
@@ -152,7 +152,7 @@ def test_datamodule_reads_official_files_and_names_missing_ones(tmp_path):
     dm = NpzImages(data_dir=str(tmp_path), train_file=None, test_file="test/d.npz", corruptions=["fog"],
                    severities=[2], corrupted_dir=str(tmp_path), data_config=cfg)
     dm.setup()
-    torch.testing.assert_close(dm.test_sets[0].tensors[0], torch.from_numpy(images[4:8]).permute(0, 3, 1, 2) / 255.0)
+    torch.testing.assert_close(_stack(dm.test_sets[0]), torch.from_numpy(images[4:8]).permute(0, 3, 1, 2) / 255.0)
     missing = NpzImages(data_dir=str(tmp_path / "nowhere"), data_config=cfg)
     with pytest.raises(FileNotFoundError, match="set data_dir"):
         missing.setup()
@@ -166,7 +166,7 @@ def test_shared_cifar_subsets_load(shared_data):
     dm.setup()
     assert len(dm.test_sets[0]) == 1000 and len(dm.datasets["train"]) + len(dm.datasets["val"]) == 1000
     assert 90 <= len(dm.datasets["val"]) <= 110  # 10% of each class, rounded per class
-    assert torch.bincount(dm.test_sets[0].tensors[1]).tolist() == [103, 89, 100, 103, 90, 86, 112, 102, 106, 109]
+    assert np.bincount(dm.test_sets[0].targets).tolist() == [103, 89, 100, 103, 90, 86, 112, 102, 106, 109]
 
 
 def test_relative_corrupted_dir_is_read_from_data_dir_and_errors_name_the_option(tmp_path, monkeypatch):
@@ -178,8 +178,97 @@ def test_relative_corrupted_dir_is_read_from_data_dir_and_errors_name_the_option
     dm = NpzImages(data_dir=str(tmp_path / "data"), train_file=None, test_file=None, corrupted_dir="CIFAR-100-C",
                    corruptions=["fog"], severities=[2], data_config=cfg)
     dm.setup("test")
-    torch.testing.assert_close(dm.test_sets[0].tensors[0], torch.from_numpy(images[4:8]).permute(0, 3, 1, 2) / 255.0)
+    torch.testing.assert_close(_stack(dm.test_sets[0]), torch.from_numpy(images[4:8]).permute(0, 3, 1, 2) / 255.0)
     with pytest.raises(FileNotFoundError, match=r"snow\.npy not found: .*pass its folder as corrupted_dir"):
         load_corrupted_npy(tmp_path / "data" / "CIFAR-100-C", "snow", 1, num_images=4)
     with pytest.raises(ValueError, match=r"expected 25 of each.*test_file: null"):
         load_corrupted_npy(tmp_path / "data" / "CIFAR-100-C", "fog", 1, num_images=5)
+
+
+def _stack(dataset) -> torch.Tensor:
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])
+
+
+def test_test_sets_stay_uint8_at_stored_size_and_equal_the_eager_tensors(tmp_path):
+    # 15 corruptions of 10k images as float32 at 224x224 would take ~90 GB: keep uint8, resize per item
+    import pickle
+
+    _write_npz(tmp_path, n=20)
+    cfg = {"input_size": (3, 224, 224), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    dm = NpzImages(data_dir=str(tmp_path), train_file="train/d.npz", test_file="test/d.npz",
+                   corruptions=["fog", "contrast"], severities=[3], val_fraction=0.5, data_config=cfg)
+    dm.setup("test")
+    raw = np.load(tmp_path / "test" / "d.npz")["x"]
+    for dataset, name in zip(dm.test_sets, ["fog", "contrast"]):
+        assert dataset.images.dtype == np.uint8 and dataset.images.shape == (20, 32, 32, 3)
+        assert len(pickle.dumps(dataset)) < 20 * 32 * 32 * 3 + 10_000  # workers get the uint8 bytes, not floats
+        eager = C.uint8_images_to_tensor(np.stack([corrupt(img, name, 3) for img in raw]), cfg)  # the old path
+        torch.testing.assert_close(_stack(dataset), eager, atol=1e-6, rtol=0)
+    train = np.load(tmp_path / "train" / "d.npz")["x"]
+    for split in ("train", "val"):
+        dataset = dm.datasets[split]
+        assert dataset.images.dtype == np.uint8 and dataset.images.shape[1:] == (32, 32, 3)
+        indices = dm.splits[split]
+        torch.testing.assert_close(_stack(dataset), C.uint8_images_to_tensor(train[indices], cfg), atol=1e-6, rtol=0)
+        assert len(indices) > 0 and dataset.targets == (np.arange(20) % 10)[indices].tolist()
+
+
+def test_one_channel_backbones_get_luma_and_other_channel_counts_fail_in_setup(tmp_path):
+    _write_npz(tmp_path)
+    gray = {"input_size": (1, 32, 32), "mean": (0.5,), "std": (0.25,)}
+    dm = NpzImages(data_dir=str(tmp_path), train_file="train/d.npz", test_file="test/d.npz", data_config=gray)
+    dm.setup()
+    raw = np.load(tmp_path / "test" / "d.npz")["x"]
+    luma = raw[2].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32) / 255  # ITU-R 601
+    x = dm.test_sets[0][2][0]
+    assert x.shape == (1, 32, 32) and dm.datasets["train"][0][0].shape == (1, 32, 32)
+    torch.testing.assert_close(x[0], (torch.from_numpy(luma) - 0.5) / 0.25, atol=1e-5, rtol=0)
+    bad = NpzImages(data_dir=str(tmp_path), train_file="train/d.npz", test_file="test/d.npz",
+                    data_config={"input_size": (2, 32, 32), "mean": (0.5,), "std": (0.25,)})
+    with pytest.raises(ValueError, match=r"input_size \(2, 32, 32\).*2 channels"):
+        bad.setup()
+
+
+def test_kshot_validation_takes_min_k_4_per_class(tmp_path):
+    _write_npz(tmp_path, n=200)  # 20 images per class, 10 of them held out with val_fraction=0.5
+    cfg = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.25,) * 3}
+    dm = NpzImages(data_dir=str(tmp_path), train_file="train/d.npz", test_file="test/d.npz", num_shots=2,
+                   val_fraction=0.5, data_config=cfg)
+    dm.setup()
+    assert np.bincount(dm.datasets["train"].targets).tolist() == [2] * 10
+    assert np.bincount(dm.datasets["val"].targets).tolist() == [2] * 10  # min(K, 4), not the 10 held out
+    assert len(dm.test_sets[0]) == 200 and not set(dm.splits["train"]) & set(dm.splits["val"])
+    six = NpzImages(data_dir=str(tmp_path), train_file="train/d.npz", test_file="test/d.npz", num_shots=6,
+                    val_fraction=0.5, data_config=cfg)
+    six.setup()
+    assert np.bincount(six.datasets["val"].targets).tolist() == [4] * 10
+
+
+def _square_clipped_zoom(img, zoom):  # the square-only implementation the fix must reproduce on squares
+    from scipy import ndimage
+
+    h = img.shape[0]
+    ch = int(np.ceil(h / zoom))
+    top = (h - ch) // 2
+    out = ndimage.zoom(img[top:top + ch, top:top + ch], (zoom, zoom) + (1,) * (img.ndim - 2), order=1)
+    trim = (out.shape[0] - h) // 2
+    return out[trim:trim + h, trim:trim + h]
+
+
+@pytest.mark.parametrize("zoom", [1.01, 1.13, 1.26, 1.75, 2.25])
+def test_clipped_zoom_handles_rectangles_and_keeps_squares_unchanged(zoom):
+    square = _image(3).astype(np.float64) / 255
+    assert np.array_equal(C._clipped_zoom(square, zoom), _square_clipped_zoom(square, zoom))
+    wide = np.concatenate([square, square[:, :13]], axis=1)  # (32, 45, 3)
+    out = C._clipped_zoom(wide, zoom)
+    assert out.shape == wide.shape
+    centre = C._clipped_zoom(wide[:, 6:38], zoom)  # zooming about the centre: the central columns match a square zoom
+    assert np.abs(out[:, 6:38] - centre).mean() < 0.08
+
+
+@pytest.mark.parametrize("name", ["zoom_blur", "snow"])
+def test_zoom_corruptions_on_non_square_images(name):
+    image = _image(size=40)[:24]  # (24, 40, 3)
+    for severity in (1, 5):
+        assert corrupt(image, name, severity).shape == (24, 40, 3)
+    assert corrupt(image.transpose(1, 0, 2).copy(), name, 5).shape == (40, 24, 3)

@@ -170,3 +170,21 @@ def test_real_usps_to_mnist(shared_data):
     assert mnist.shape == (10000, 28, 28) and 30 < mnist.mean() < 37  # MNIST's mean intensity is ~0.13 * 255
     usps = dm.datasets["train"].images
     assert usps.shape[1:] == (16, 16) and usps.min() == 0 and usps.max() == 255
+
+
+def test_testing_reads_only_the_target_and_loads_the_source_on_demand(tmp_path):
+    # a checkpoint tested on USPS needs no MNIST training files; CAFA's train_dataloader() still gets them then
+    write_usps_esl(tmp_path / "usps")
+    dm = DigitDomains(source="mnist", target="usps", root=str(tmp_path), data_config=GRAY28, val_fraction=0.25)
+    dm.setup("test")
+    assert len(dm.datasets["test"]) == 30 and "train" not in dm.datasets
+    assert dm.variant == "mnist[unread]->usps[esl]" and dm.split_info()["data/num_test"] == 30
+    with pytest.raises(FileNotFoundError, match="MNIST train split not found"):
+        dm.train_dataloader()  # asked for: read now, and a missing file is still named
+    write_mnist(tmp_path / "mnist")
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape[1:] == (1, 28, 28) and len(dm.datasets["train"]) == 30 and len(dm.datasets["val"]) == 10
+    full = DigitDomains(source="mnist", target="usps", root=str(tmp_path), data_config=GRAY28, val_fraction=0.25)
+    full.setup("fit")
+    assert full.splits == dm.splits and full.split_info() == dm.split_info()  # same data whichever way it was read
+    assert len(full.val_dataloader().dataset) == 10

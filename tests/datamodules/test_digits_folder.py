@@ -131,3 +131,22 @@ def test_image_folder_unreadable_image_names_the_file_and_the_fix(tmp_path):
     dm.setup()
     with pytest.raises(RuntimeError, match=r"cannot read image .*test/dog/1\.png.*re-download or remove it"):
         [dm.datasets["test"][i] for i in range(len(dm.datasets["test"]))]
+
+
+@pytest.mark.parametrize("splits", [("train",), ("train", "val"), ("train", "val", "test")])
+def test_image_folder_kshot_validation_takes_min_k_4_per_class_and_the_test_set_stays_whole(tmp_path, splits):
+    _write_folder(tmp_path / "pets", splits=splits, per_class=50)
+    cfg = {"input_size": (3, 16, 16), "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 1.0}
+    dm = ImageFolder(root=str(tmp_path / "pets"), num_shots=8, augment=False, data_config=cfg)
+    dm.setup()
+    val = dm.datasets["val"]
+    assert np.bincount([int(val[i][1]) for i in range(len(val))]).tolist() == [4, 4]  # min(8, 4) per class
+    assert len(dm.splits["val"]) == 8
+    # without test/ the test set is the whole validation pool (5 of 50 per class held out of train/, or all of val/)
+    assert len(dm.datasets["test"]) == {1: 10, 2: 100, 3: 100}[len(splits)]
+    again = ImageFolder(root=str(tmp_path / "pets"), num_shots=8, augment=False, data_config=cfg)
+    again.setup()
+    assert again.splits == dm.splits
+    full = ImageFolder(root=str(tmp_path / "pets"), augment=False, data_config=cfg)
+    full.setup()
+    assert len(full.datasets["val"]) == {1: 10, 2: 100, 3: 100}[len(splits)]  # without num_shots: all of it

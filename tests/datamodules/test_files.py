@@ -110,3 +110,53 @@ def test_16_bit_images_are_rescaled_not_saturated_to_white(tmp_path):
     Image.fromarray(np.ones((4, 4), dtype=np.float32) * 3.5).save(tmp_path / "float.tif")
     with pytest.raises(RuntimeError, match=r"cannot read image .*float\.tif.*mode 'F'.*8-bit"):
         read_image(tmp_path / "float.tif")
+
+
+GRAY_CFG = {**CFG, "input_size": (1, 32, 32), "mean": (0.45,), "std": (0.25,)}
+
+
+def test_one_channel_backbones_get_gray_images_cached_or_not(tmp_path):
+    from lightning_transfer.datamodules.files import direct_resize_transform
+
+    samples = _images(tmp_path, classes=1, per_class=3)
+    plain = ImageList(samples, build_transform(GRAY_CFG, training=False, augment=True))
+    cached = UInt8Cache(samples, GRAY_CFG)
+    assert cached.images.shape == (3, 1, 32, 32)
+    for i in range(3):
+        x = plain[i][0]
+        assert x.shape == (1, 32, 32)
+        gray = build_transform({**GRAY_CFG, "input_size": (3, 32, 32), "mean": (0.45,) * 3, "std": (0.25,) * 3},
+                               False, True)(Image.open(samples[i][0]).convert("L").convert("RGB"))[0]
+        assert torch.allclose(x[0], gray, atol=1e-5)  # PIL's "L" (luma), then the same geometry
+        assert torch.allclose(cached[i][0], x, atol=1e-5)
+    train = ImageList(samples, build_transform(GRAY_CFG, training=True, augment=True))
+    assert train[0][0].shape == (1, 32, 32)
+    assert direct_resize_transform(GRAY_CFG)(Image.open(samples[0][0])).shape == (1, 32, 32)
+    assert UInt8Cache(samples, GRAY_CFG, direct_resize=True).images.shape == (3, 1, 32, 32)
+
+
+def test_a_channel_count_other_than_1_or_3_fails_in_setup(tmp_path):
+    samples = _images(tmp_path)
+    dm = _List({"train": samples}, data_dir=str(tmp_path / "d"))
+    dm.set_data_config({**CFG, "input_size": (4, 32, 32), "mean": (0.5,) * 4, "std": (0.2,) * 4})
+    with pytest.raises(ValueError, match=r"input_size \(4, 32, 32\).*4 channels.*1 \(gray\) or 3 \(RGB\)"):
+        dm.setup()
+
+
+@pytest.mark.parametrize("crop_mode", ["squash", "border", "center"])
+def test_timm_crop_mode_is_honoured_cached_or_not(tmp_path, crop_mode):
+    from torchvision.transforms import CenterCrop, InterpolationMode, Normalize, Resize, ToTensor
+
+    samples = _images(tmp_path, classes=1, per_class=2)  # 50x40 images: the modes differ on non-square ones
+    cfg = {**CFG, "crop_mode": crop_mode}
+    plain = ImageList(samples, build_transform(cfg, training=False, augment=True))
+    cached = UInt8Cache(samples, cfg)
+    for i in range(2):
+        assert torch.allclose(cached[i][0], plain[i][0], atol=1e-5)
+    if crop_mode == "squash":  # timm's squash: both sides to floor(32 / 0.875) = 36, then the centre 32x32
+        image = Image.open(samples[0][0]).convert("RGB")
+        resized = CenterCrop(32)(Resize((36, 36), interpolation=InterpolationMode.BICUBIC)(image))
+        expected = Normalize(CFG["mean"], CFG["std"])(ToTensor()(resized))
+        assert torch.allclose(plain[0][0], expected, atol=1e-5)
+        center = ImageList(samples, build_transform(CFG, training=False, augment=True))
+        assert not torch.allclose(center[0][0], expected, atol=1e-2)  # the default mode crops the long side

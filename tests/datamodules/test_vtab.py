@@ -177,3 +177,27 @@ def test_listed_image_missing_on_disk_fails_in_setup_naming_the_lists(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"1 of 9 images listed in .*train800\.txt, .*val200\.txt are missing "
                                                 r"on disk: .*val200/1\.jpg"):
         VTAB1k("dtd", mode="tune", root=str(root), data_config=CFG).setup()
+
+
+def _rewrite(root, name, rows):
+    (root / f"{name}.txt").write_text("\n".join(rows) + "\n")
+
+
+def test_lists_that_overlap_or_do_not_add_up_are_errors_and_odd_sizes_a_warning(tmp_path):
+    root = write_vtab_task(tmp_path / "dtd")
+    with pytest.warns(UserWarning, match=r"train800\.txt has 6 images, val200\.txt 3 and train800val200\.txt 9; "
+                                         r"VTAB-1k's lists have 800, 200 and 1000"):
+        VTAB1k(task="dtd", root=str(root), data_config=CFG).load_samples()
+    train = (root / "train800.txt").read_text().splitlines()
+    val = (root / "val200.txt").read_text().splitlines()
+    _rewrite(root, "val200", val[:2] + [train[0]])  # a training image also in validation
+    _rewrite(root, "train800val200", train + val[:2] + [train[0]])
+    for mode in ("tune", "final"):
+        with pytest.raises(ValueError, match=r"train800\.txt and val200\.txt share 1 image\(s\), e\.g\. "
+                                             r"'images/train800/0\.jpg'.*re-prepare"):
+            VTAB1k(task="dtd", mode=mode, root=str(root), data_config=CFG).load_samples()
+    _rewrite(root, "val200", val)
+    _rewrite(root, "train800val200", train + val[:2] + ["images/test/0.jpg 0"])  # a test image in place of one
+    with pytest.raises(ValueError, match=r"train800val200\.txt is not train800\.txt \+ val200\.txt, e\.g\. "
+                                         r"'images/(test/0|val200/2)\.jpg'"):
+        VTAB1k(task="dtd", mode="final", root=str(root), data_config=CFG).load_samples()
