@@ -364,8 +364,17 @@ class TransferModule(LightningModule):
                 kept[key] = value
         return kept, omitted
 
-    def _omitted_digest(self, omitted: dict[str, Tensor]) -> str:
-        keys = tuple(sorted(omitted))
+    def _omitted_digest(self, omitted: dict[str, Tensor], dtype: str | None = None) -> str:
+        """The fingerprint of the frozen tensors a checkpoint leaves out; with ``dtype`` (the floating type they were
+        saved in, e.g. ``torch.bfloat16`` under ``precision: bf16-true``), of this model's tensors cast to it first:
+        Lightning loads a checkpoint into the model before casting it, and the cast rounds the same way both times."""
+        if dtype is not None:
+            target = getattr(torch, dtype.removeprefix("torch."), None)
+            if not isinstance(target, torch.dtype):
+                raise CheckpointMismatch(f"checkpoint names {dtype!r} as its frozen tensors' dtype, which is not a "
+                                         "torch dtype: it was not written by this package; pass one written by fit")
+            omitted = {k: v.to(target) if v.is_floating_point() else v for k, v in omitted.items()}
+        keys = (tuple(sorted(omitted)), dtype)
         cache = self.__dict__["_digest_cache"]
         if cache is None or cache[0] != keys:
             cache = (keys, tensors_digest(omitted))
@@ -381,6 +390,7 @@ class TransferModule(LightningModule):
             "adaptation": type(self.adaptation).__name__,
             "omitted_keys": len(omitted),
             "omitted_digest": self._omitted_digest(omitted),
+            "omitted_dtype": _floating_dtype(omitted),
             "num_classes": self.num_classes,
             # every process's random state (collective: Lightning builds the checkpoint on every process), so a fit
             # resumed from it draws the same dropout masks and augmentations as one never interrupted
@@ -429,7 +439,7 @@ class TransferModule(LightningModule):
                 f"model has {len(omitted)} tensors the checkpoint does not hold: build it with the same backbone and "
                 f"model.adaptation as the run that saved it (checkpoint backbone: {meta['backbone']})"
             )
-        if self._omitted_digest(omitted) != meta["omitted_digest"]:
+        if self._omitted_digest(omitted, meta.get("omitted_dtype")) != meta["omitted_digest"]:
             if "random init" in meta["backbone"]:
                 raise CheckpointMismatch(
                     f"checkpoint was trained on a randomly initialised frozen backbone ({meta['backbone']}), whose "
@@ -495,6 +505,11 @@ def _check_optimizer(factory: OptimizerCallable) -> None:
                          "--model.optimizer.init_args.lr=1e-3)") from err
     except Exception:  # noqa: BLE001  a factory that needs more than a parameter list: configure_optimizers will say
         pass
+
+
+def _floating_dtype(tensors: dict[str, Tensor]) -> str | None:
+    """The dtype of the floating tensors (one, as a precision plugin casts them all), e.g. ``torch.float32``."""
+    return next((str(t.dtype) for t in tensors.values() if t.is_floating_point()), None)
 
 
 def _backbone_kind(identity: str) -> str | None:

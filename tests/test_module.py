@@ -289,6 +289,21 @@ def test_checkpoint_is_small_and_reloads_on_fresh_backbone(tmp_path):
     assert torch.equal(loaded(x), module.eval()(x))
 
 
+def test_a_bf16_true_checkpoint_reloads_onto_a_fresh_fp32_backbone(tmp_path):
+    module = TransferModule(tiny_vit(), LinearProbe(), num_classes=5)
+    dm = Digits(task="target", num_shots=2, batch_size=5)
+    trainer = _trainer(max_steps=2, limit_val_batches=0, precision="bf16-true")
+    trainer.fit(module, datamodule=dm)
+    trainer.save_checkpoint(tmp_path / "bf16.ckpt")  # the frozen weights it fingerprints are bf16 now
+    fresh = TransferModule(tiny_vit(), LinearProbe(), num_classes=5)  # fp32 until the precision plugin casts it
+    validated = _trainer(limit_val_batches=1, precision="bf16-true").validate(
+        fresh, datamodule=dm, ckpt_path=tmp_path / "bf16.ckpt", verbose=False)
+    assert validated and torch.equal(fresh.head.fc.weight, module.head.fc.weight)
+    other = TransferModule(TimmBackbone(**TINY_VIT), LinearProbe(), num_classes=5)  # other weights: still refused
+    with pytest.raises(CheckpointMismatch, match="differ"):
+        other.on_load_checkpoint(torch.load(tmp_path / "bf16.ckpt", weights_only=True))
+
+
 def test_checkpoint_from_a_different_backbone_is_refused(tmp_path):
     module = TransferModule(tiny_vit(), LinearProbe(), num_classes=5)
     _fit_and_save(module, tmp_path / "probe.ckpt")
