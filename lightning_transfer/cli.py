@@ -26,7 +26,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 import lightning_transfer  # noqa: F401  (fills the registries)
 from lightning_transfer.callbacks.efficiency import EfficiencyMonitor
@@ -58,8 +58,10 @@ def resolve_registry_names(argv: list[str]) -> list[str]:
             flag = f"--{key}"
             if arg.startswith(flag + "=") and registry.find(arg[len(flag) + 1:]) is not None:
                 out[i] = f"{flag}={_class_path(registry.get(arg[len(flag) + 1:]))}"
-            elif arg == flag and i + 1 < len(out) and registry.find(out[i + 1]) is not None:
-                out[i + 1] = _class_path(registry.get(out[i + 1]))
+            elif arg in (flag, f"{flag}.help") and i + 1 < len(out) and registry.find(out[i + 1]) is not None:
+                out[i + 1] = _class_path(registry.get(out[i + 1]))  # also `--model.adaptation.help lora`
+            elif arg.startswith(f"{flag}.help=") and registry.find(arg[len(flag) + 6:]) is not None:
+                out[i] = f"{flag}.help={_class_path(registry.get(arg[len(flag) + 6:]))}"
     return out
 
 
@@ -162,6 +164,8 @@ class TransferCLI(LightningCLI):
                 and not Path(ckpt_path).is_file():
             raise FileNotFoundError(f"--ckpt_path {ckpt_path!r} does not exist: pass a .ckpt written by fit (e.g. "
                                     "<run folder>/checkpoints/last.ckpt), or 'last' to resume the newest run")
+        if sub != "fit" and ckpt_path in ("last", "best"):
+            self.config[sub].ckpt_path = _evaluated_checkpoint(sub, ckpt_path, self.config[sub].trainer)
         before = self.config[sub].model.clone()
         try:
             if sub == "fit":
@@ -197,6 +201,12 @@ class TransferCLI(LightningCLI):
         with _setup_phase():
             super().instantiate_classes()  # loggers write their run folders later, when the run starts
             _check_runnable(self.subcommand, self.model, self.datamodule)
+        if self.subcommand in ("validate", "test", "predict") and isinstance(self.model, TransferModule) \
+                and not self.config[self.subcommand].get("ckpt_path") and not self.model.adaptation.trains_nothing:
+            rank_zero_warn(f"{self.subcommand} without --ckpt_path evaluates the model as the config builds it: "
+                           f"backbone {self.model.backbone.identity()} with an untrained "
+                           f"{type(self.model.adaptation).__name__} head; pass --ckpt_path <run>/checkpoints/last.ckpt "
+                           "(or last) to evaluate a trained model")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -344,6 +354,30 @@ def _as_list(value: Any) -> list:
 
 
 # ---- resuming: `fit --ckpt_path last` continues the run (and the W&B run) that wrote the checkpoint -------------
+def _evaluated_checkpoint(sub: str, name: str, trainer: Any) -> str:
+    """``validate/test/predict --ckpt_path last``: the newest ``last.ckpt`` of an earlier run (as ``fit`` resumes it).
+
+    Lightning would look in the new run's own, empty folder, warn and go on with the model as built from the config:
+    an untrained head, reported as a result. ``best`` names the best model of a fit in this same process, which a
+    new command never has."""
+    if name == "best":
+        raise FileNotFoundError(f"{sub} --ckpt_path best: 'best' is the best checkpoint of a fit in the same process, "
+                                "which this command has not run; pass the path of the checkpoint to evaluate (e.g. "
+                                "<run folder>/checkpoints/<name>.ckpt), or 'last' for the newest run's last.ckpt")
+    found = find_last_checkpoint(trainer)
+    if found is None:
+        folders = _checkpoint_folders(trainer) or [Path(trainer.get("default_root_dir") or ".") / "checkpoints"]
+        fallback = folders[0] / "last.ckpt"
+        if not _checkpoint_folders(trainer) and fallback.is_file():  # no logger: Lightning's one fixed folder
+            found = fallback
+        else:
+            raise FileNotFoundError(
+                f"{sub} --ckpt_path last: no last.ckpt of an earlier run in {', '.join(map(str, folders))}; pass "
+                "the path of the checkpoint to evaluate (without a checkpoint the model is untrained)")
+    rank_zero_info(f"{sub}: --ckpt_path last is {found}, the newest last checkpoint of an earlier run")
+    return str(found)
+
+
 def continue_run(config: Any) -> None:
     """Resolve ``ckpt_path=last`` to a file and give the logger the run id stored in the checkpoint.
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lightning_transfer.cli import TransferCLI, main
@@ -256,3 +257,29 @@ def test_a_text_backbone_with_an_image_datamodule_is_refused_before_the_run_star
                                          "and there is no text datamodule: use text backbones from the Python API"):
         TransferCLI(args=args)
     assert not (tmp_path / "runs").exists(), "no run folder for a run that cannot start"
+
+
+def test_evaluating_last_takes_the_newest_earlier_run_and_never_an_untrained_model(tmp_path):
+    where = ["--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"]
+    test = ["test", "--config", QUICK, *where, "--trainer.limit_test_batches=1"]
+    with pytest.raises(FileNotFoundError, match=r"test --ckpt_path last: no last.ckpt of an earlier run .*untrained"):
+        TransferCLI(args=[*test, "--ckpt_path", "last"])
+    with pytest.raises(FileNotFoundError, match="'best' is the best checkpoint of a fit in the same process"):
+        TransferCLI(args=[*test, "--ckpt_path", "best"])
+    fit = TransferCLI(args=["fit", "--config", QUICK, *FAST, *where])
+    last = fit.trainer.checkpoint_callback.last_model_path
+    tested = TransferCLI(args=[*test, "--ckpt_path", "last"])
+    assert tested.config.test.ckpt_path == last
+    assert torch.equal(tested.model.head.fc.weight, fit.model.head.fc.weight)  # the trained head, not a new one
+    with pytest.warns(UserWarning, match="test without --ckpt_path evaluates the model as the config builds it"):
+        TransferCLI(args=test)
+
+
+def test_a_component_s_help_takes_its_registry_name():
+    from lightning_transfer.cli import resolve_registry_names
+
+    lora = "lightning_transfer.strategies.lora.LoRA"
+    assert resolve_registry_names(["fit", "--model.adaptation.help", "lora"]) == ["fit", "--model.adaptation.help",
+                                                                                   lora]
+    assert resolve_registry_names(["--model.adaptation.help=lora"]) == [f"--model.adaptation.help={lora}"]
+    assert resolve_registry_names(["--model.adaptation=lora"]) == [f"--model.adaptation={lora}"]
