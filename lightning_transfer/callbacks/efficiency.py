@@ -64,8 +64,10 @@ def peak_rss_bytes() -> int:
 class EfficiencyMonitor(Callback):
     """Log trainable/total parameters and checkpoint size once per fit; throughput and memory every epoch.
 
-    Memory: on CUDA the peak of ``torch.cuda.max_memory_allocated`` in the epoch; on every device the bytes saved
-    for backward in the first training step of the fit (:class:`SavedTensorsCounter`) and the process's peak RSS.
+    Throughput leaves out the fit's first training step (one-off costs, and the saved-bytes count runs in it), unless
+    an epoch has no other step. Memory: on CUDA the peak of ``torch.cuda.max_memory_allocated`` in the epoch; on
+    every device the bytes saved for backward in the first training step of the fit (:class:`SavedTensorsCounter`)
+    and the process's peak RSS.
 
     Args:
         measure_saved_bytes: count the saved-for-backward bytes of the first training step.
@@ -78,13 +80,18 @@ class EfficiencyMonitor(Callback):
         self._samples = 0
         self._train_time = 0.0
         self._batch_start = 0.0
+        self._warmed_up = False
+        self._first: tuple[int, float] | None = None
         self.metrics: dict[str, float] = {}
 
-    def _log(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+    def _log(self, trainer: Trainer, metrics: dict[str, float], epoch_end: bool = False) -> None:
         self.metrics.update(metrics)
         if trainer.is_global_zero:
+            # an epoch's numbers at its last step, with the epoch, as Lightning logs the epoch's own metrics
+            step = max(trainer.global_step - 1, 0) if epoch_end else trainer.global_step
+            extra = {"epoch": float(trainer.current_epoch)} if epoch_end else {}
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+                logger.log_metrics({**metrics, **extra}, step=step)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
@@ -96,6 +103,7 @@ class EfficiencyMonitor(Callback):
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._samples, self._train_time = 0, 0.0
+        self._first = None
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
 
@@ -115,15 +123,22 @@ class EfficiencyMonitor(Callback):
         if self._counter is not None:  # a step without backward (e.g. skipped)
             self._counter.__exit__(None, None, None)
             self._counter = None
-        self._train_time += time.perf_counter() - self._batch_start
-        self._samples += len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch)
+        elapsed = time.perf_counter() - self._batch_start
+        samples = len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch)
+        if not self._warmed_up:  # the fit's first step: one-off costs (allocator, lazy init) and the byte counter
+            self._warmed_up, self._first = True, (samples, elapsed)
+            return
+        self._train_time += elapsed
+        self._samples += samples
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._samples == 0 and self._first is not None:  # the epoch had only the first step: it is all there is
+            self._samples, self._train_time = self._first
         metrics = {"perf/train_samples_per_s": self._samples / max(self._train_time, 1e-9),
                    "memory/peak_rss_mb": peak_rss_bytes() / 2**20}
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
             metrics["memory/cuda_peak_mb"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
-        self._log(trainer, metrics)
+        self._log(trainer, metrics, epoch_end=True)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         callback = trainer.checkpoint_callback

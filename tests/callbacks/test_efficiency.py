@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from lightning.pytorch import Trainer
 from torch import nn
@@ -74,3 +75,31 @@ def test_monitor_logs_params_memory_and_throughput():
     tokens_bytes = 10 * 17 * probe_module.backbone.num_features * F32
     assert tokens_bytes <= probe["memory/saved_for_backward_mb"] * 2**20 < tokens_bytes + 1024
     assert full["memory/saved_for_backward_mb"] > 10 * probe["memory/saved_for_backward_mb"]
+
+
+def test_throughput_leaves_out_the_fit_s_first_step_and_logs_at_the_epoch_s_last_step(monkeypatch):
+    from types import SimpleNamespace
+
+    import lightning_transfer.callbacks.efficiency as efficiency
+
+    ticks = iter([0.0, 1.0, 1.0, 1.1, 1.1, 1.2, 5.0, 5.5])  # (start, end) per step: the first 1 s, then 0.1 s each
+    monkeypatch.setattr(efficiency, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    logged = []
+    logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append((step, metrics)))
+    trainer = SimpleNamespace(is_global_zero=True, loggers=[logger], global_step=3, current_epoch=0)
+    module = SimpleNamespace(device=torch.device("cpu"))
+    monitor = EfficiencyMonitor(measure_saved_bytes=False)
+
+    def epoch(steps):
+        monitor.on_train_epoch_start(trainer, module)
+        for i in range(steps):
+            batch = (torch.zeros(10, 1), torch.zeros(10))
+            monitor.on_train_batch_start(trainer, module, batch, i)
+            monitor.on_train_batch_end(trainer, module, None, batch, i)
+        monitor.on_train_epoch_end(trainer, module)
+        return monitor.metrics["perf/train_samples_per_s"]
+
+    assert epoch(3) == pytest.approx(20 / 0.2)  # 1 s of warm-up would have given 30 / 1.2 = 25
+    step, metrics = logged[-1]
+    assert step == 2 and metrics["epoch"] == 0  # global_step 3 after the epoch's 3 steps: its last is step 2
+    assert epoch(1) == pytest.approx(10 / 0.5)  # a later epoch's one step counts: it is not the fit's first
