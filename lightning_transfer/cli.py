@@ -486,6 +486,12 @@ def main(argv: list[str] | None = None) -> None:
 
         bench_main(argv[1:])
         return
+    if not argv or argv[0] in ("-h", "--help"):  # LightningCLI's help names only its own four subcommands
+        print("python -m lightning_transfer {fit,validate,test,predict,list,export,bench} ...\n"
+              "  list: the registered backbones, strategies, test-time methods and datamodules\n"
+              "  export: a checkpoint's backbone with the adaptation merged in, or as a peft adapter\n"
+              "  bench: several strategies (or test-time methods) on one config, one table; bench summarize\n"
+              "each takes --help. The Lightning subcommands:\n")
     default_wandb_mode()
     try:
         TransferCLI(args=None if from_command_line else argv)

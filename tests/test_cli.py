@@ -283,3 +283,11 @@ def test_a_component_s_help_takes_its_registry_name():
                                                                                    lora]
     assert resolve_registry_names(["--model.adaptation.help=lora"]) == [f"--model.adaptation.help={lora}"]
     assert resolve_registry_names(["--model.adaptation=lora"]) == [f"--model.adaptation={lora}"]
+
+
+def test_top_level_help_names_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    printed = capsys.readouterr().out
+    assert "{fit,validate,test,predict,list,export,bench}" in printed and "bench summarize" in printed
