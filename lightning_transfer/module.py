@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import math
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -121,6 +123,11 @@ class TransferModule(LightningModule):
             from lightning_transfer.strategies.linear_probe import LinearProbe
 
             adaptation = LinearProbe()
+        if not 0.0 <= head_dropout < 1.0:
+            raise ValueError(f"head_dropout must be in [0, 1), got {head_dropout}: 0.0 disables it")
+        if lr_scheduler_interval not in ("step", "epoch"):
+            raise ValueError(f"lr_scheduler_interval must be 'step' or 'epoch', got {lr_scheduler_interval!r}: 'step' "
+                             "steps the scheduler after every optimizer step, 'epoch' after every epoch")
         if class_names is not None and num_classes and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class_names given for num_classes={num_classes}; they must agree")
         self._save_hparams(backbone, adaptation, num_classes, class_names, test_time, head_dropout,
@@ -135,6 +142,10 @@ class TransferModule(LightningModule):
         )
         adaptation.set_class_names(class_names)  # strategies that build their classifier from names (CLIP)
         adaptation.attach(backbone, self.head)
+        if not adaptation.needs_text_tower:  # image strategies: what forward never uses gets no gradient
+            for name, p in backbone.named_parameters():
+                if name.startswith(backbone.unused_by_forward()):
+                    p.requires_grad_(False)
         self.test_time = test_time
         if test_time is not None:
             test_time.check(self)  # e.g. BNAdapt on a model without BatchNorm: now, not after data and checkpoint
@@ -337,6 +348,7 @@ class TransferModule(LightningModule):
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
+        _keep_lr_scales(scheduler, optimizer, type(self.adaptation).__name__)
         interval = self.lr_scheduler_interval
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
@@ -493,6 +505,45 @@ class TransferModule(LightningModule):
 # Lightning reads training_step's parameters with inspect.getfullargspec on every training step (to decide whether to
 # pass batch_idx); with the signature precomputed that is a lookup, not a parse of the function: ~150 to ~65 us a step.
 setattr(TransferModule.training_step, "__signature__", inspect.signature(TransferModule.training_step))  # noqa: B010
+
+
+def _follows_scales(lrs: list[float], scales: list[float]) -> bool:
+    return all(math.isclose(lr * scales[0], lrs[0] * scale, rel_tol=1e-6) for lr, scale in zip(lrs, scales))
+
+
+def _keep_lr_scales(scheduler: Any, optimizer: Optimizer, strategy: str) -> None:
+    """Give the groups' ``lr_scale`` back to OneCycleLR and CyclicLR, which set absolute learning rates when built.
+
+    CosineAnnealingLR, StepLR, LambdaLR (WarmupCosineLR) ... scale the learning rates the groups have (already
+    multiplied by ``lr_scale``; WarmupCosineLR's warm-up lr is absolute by design and the ratios return after it);
+    OneCycleLR and CyclicLR overwrite them with one ``max_lr`` / ``base_lr`` for every group, which would drop layer
+    decay and ``backbone_lr_scale``. Their per-group values are rescaled here, once, and checked.
+    """
+    from torch.optim.lr_scheduler import CyclicLR, OneCycleLR
+
+    groups = optimizer.param_groups
+    scales = [g.get("lr_scale", 1.0) for g in groups]
+    if not isinstance(scheduler, (OneCycleLR, CyclicLR)) or len(set(scales)) < 2 \
+            or _follows_scales([g["lr"] for g in groups], scales):
+        return
+    for group, scale in zip(groups, scales):
+        for key in ("lr", "initial_lr", "max_lr", "min_lr"):  # OneCycleLR keeps its schedule in the groups
+            if key in group:
+                group[key] = group[key] * scale
+    for name in ("base_lrs", "max_lrs", "_last_lr"):  # CyclicLR keeps it on the scheduler
+        values = getattr(scheduler, name, None)
+        if isinstance(values, list) and len(values) == len(scales):
+            setattr(scheduler, name, [v * scale for v, scale in zip(values, scales)])
+    with warnings.catch_warnings():  # get_lr outside step() warns; here it only checks the rescaled schedule
+        warnings.simplefilter("ignore")
+        lrs = scheduler.get_lr()
+    if not _follows_scales([float(lr) for lr in lrs], scales):
+        raise ValueError(
+            f"{type(scheduler).__name__} sets learning rates that ignore the per-group lr_scale of {strategy} "
+            f"({[round(s, 6) for s in scales]}: layer_decay / backbone_lr_scale), and rescaling them failed: use "
+            "CosineAnnealingLR or another scheduler that multiplies the optimizer's learning rates, or set "
+            "layer_decay=None and backbone_lr_scale=1.0"
+        )
 
 
 def _check_optimizer(factory: OptimizerCallable) -> None:

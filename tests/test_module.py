@@ -7,14 +7,18 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from torch import Tensor
 
+from lightning_transfer.backbones.cifar_resnet import CIFARResNet
 from lightning_transfer.backbones.timm import TimmBackbone
 from lightning_transfer.datamodules import Digits
 from lightning_transfer.module import CheckpointMismatch, TransferModule
 from lightning_transfer.strategies import FullFinetune, LinearProbe, PartialFreeze
+from lightning_transfer.strategies.bitfit import BitFit
 from lightning_transfer.strategies.full import layer_lr_scales
 from lightning_transfer.strategies.lora import LoRA
+from lightning_transfer.strategies.norm_tuning import NormTuning
 from lightning_transfer.strategies.vqt import VQT
 from tests.helpers.models import TINY_VIT, inputs_for, tiny_cnn, tiny_vit
+from tests.helpers.tiny_clip import tiny_clip, tiny_clip_resnet
 
 
 def _trainer(**kw) -> Trainer:
@@ -170,12 +174,89 @@ def test_optimizer_groups_layer_decay_and_no_decay():
     assert layer_lr_scales(2, None, 1.0) == [1.0, 1.0, 1.0, 1.0]
 
 
+_IMAGE_STRATEGIES = {
+    "full": FullFinetune, "full_layer_decay": lambda: FullFinetune(layer_decay=0.7), "bitfit": BitFit,
+    "norm_tuning": NormTuning, "partial_freeze": lambda: PartialFreeze(num_frozen_blocks=1),
+    "linear_probe": LinearProbe,
+}
+_BACKBONES_WITH_UNUSED_PARAMETERS = {
+    "cifar_resnet": lambda: CIFARResNet(depth=20),  # the checkpoint's own classifier ``linear``
+    "hf_clip": tiny_clip,  # text tower, logit_scale, visual_projection
+    "clip_resnet": tiny_clip_resnet,  # text tower, logit_scale
+}
+
+
+@pytest.mark.parametrize("backbone", sorted(_BACKBONES_WITH_UNUSED_PARAMETERS))
+@pytest.mark.parametrize("strategy", sorted(_IMAGE_STRATEGIES))
+def test_every_trainable_parameter_gets_a_gradient(backbone, strategy):
+    # a trainable parameter the forward never uses inflates the counts and the checkpoint, and crashes DDP
+    module = TransferModule(_BACKBONES_WITH_UNUSED_PARAMETERS[backbone](), _IMAGE_STRATEGIES[strategy](),
+                            num_classes=3).train()
+    x = inputs_for(module.backbone, batch=2)
+    module.adaptation.loss(module(x), (x, torch.tensor([0, 1]))).backward()
+    unused = [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused
+    assert module.parameter_counts()["trainable"] > 0
+
+
+@pytest.mark.parametrize("scheduler", [
+    lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=10),
+    lambda opt: torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.5, max_lr=1.0, step_size_up=2),
+    lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10),
+])
+def test_schedulers_keep_the_per_group_learning_rate_ratios(scheduler):
+    # OneCycleLR and CyclicLR set absolute learning rates; layer decay and backbone_lr_scale must survive them
+    module = TransferModule(tiny_vit(), FullFinetune(layer_decay=0.5, backbone_lr_scale=0.1), num_classes=5,
+                            optimizer=lambda params: torch.optim.SGD(params, lr=1.0), lr_scheduler=scheduler)
+    config = module.configure_optimizers()
+    optimizer, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    for _ in range(3):
+        optimizer.step()
+        sched.step()
+        scales = [g["lr_scale"] for g in optimizer.param_groups]
+        ratios = [g["lr"] / s for g, s in zip(optimizer.param_groups, scales)]
+        assert ratios == pytest.approx([ratios[0]] * len(ratios))
+    assert scales[0] != scales[-1]
+    if isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR):  # scaled once, not twice
+        head = optimizer.param_groups[-1]
+        assert head["initial_lr"] == pytest.approx(head["lr_scale"])
+
+
+def test_a_warm_up_schedule_keeps_its_absolute_warm_up_then_the_per_group_ratios():
+    from lightning_transfer.schedulers import WarmupCosineLR
+
+    module = TransferModule(tiny_vit(), FullFinetune(layer_decay=0.5), num_classes=5,
+                            optimizer=lambda params: torch.optim.SGD(params, lr=1e-3),
+                            lr_scheduler=lambda opt: WarmupCosineLR(opt, max_epochs=10, warmup_epochs=1))
+    config = module.configure_optimizers()
+    optimizer, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-5] * len(optimizer.param_groups))  # CoOp's
+    # warm-up: one absolute lr for every group
+    optimizer.step()
+    sched.step()  # cosine from here: each group at its own (layer-decayed) base lr, scaled once
+    for group in optimizer.param_groups:
+        assert group["lr"] == pytest.approx(1e-3 * group["lr_scale"])
+
+
 def test_partial_freeze_trains_only_late_blocks():
     module = TransferModule(tiny_vit(), PartialFreeze(num_frozen_blocks=4), num_classes=5)
     trainable = {n.split(".")[3] for n, p in module.named_parameters() if p.requires_grad and ".blocks." in n}
     assert trainable == {"4", "5"}
     with pytest.raises(ValueError, match="num_frozen_blocks=9 is out of range"):
         TransferModule(tiny_vit(), PartialFreeze(num_frozen_blocks=9), num_classes=5)
+
+
+def test_partial_freeze_keeps_dropout_and_drop_path_of_the_trained_blocks_on():
+    backbone = tiny_vit(model_kwargs={**TINY_VIT["model_kwargs"], "drop_rate": 0.3, "drop_path_rate": 0.3})
+    module = TransferModule(backbone, PartialFreeze(num_frozen_blocks=2), num_classes=5).train()
+    blocks = list(module.backbone.blocks)
+    assert [b.training for b in blocks] == [False, False] + [True] * (len(blocks) - 2)
+    assert all(m.training for b in blocks[2:] for m in b.modules())  # drop-path inside the trained blocks too
+    model = module.backbone.model
+    assert not model.patch_embed.training and not model.pos_drop.training  # the frozen embedding
+    assert model.training and model.norm.training  # ancestors of trained blocks, and what follows them
+    x = inputs_for(module.backbone)
+    assert not torch.equal(module(x), module(x))  # dropout is on in training
 
 
 def test_linear_probe_keeps_backbone_in_eval_and_cache_skips_backbone():
@@ -370,3 +451,19 @@ def test_nothing_to_train_is_a_clear_error():
     module.head.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         module.configure_optimizers()
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"head_dropout": -0.1}, r"head_dropout must be in \[0, 1\), got -0.1"),
+    ({"head_dropout": 1.0}, r"head_dropout must be in \[0, 1\), got 1.0"),
+    ({"lr_scheduler_interval": "batch"}, "lr_scheduler_interval must be 'step' or 'epoch', got 'batch'"),
+])
+def test_bad_module_settings_fail_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TransferModule(tiny_vit(), LinearProbe(), num_classes=5, **kwargs)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0])
+def test_backbone_lr_scale_must_be_finite_and_non_negative(value):
+    with pytest.raises(ValueError, match=f"backbone_lr_scale must be a finite number >= 0, got {value}"):
+        FullFinetune(backbone_lr_scale=value)

@@ -151,6 +151,14 @@ class Backbone(nn.Module, RecordsInitArgs):
                 ids[name] = 0
         return ids
 
+    def unused_by_forward(self) -> tuple[str, ...]:
+        """Parameter-name prefixes that :meth:`forward` never uses (a checkpoint's own classifier, CLIP's text tower).
+
+        The module freezes them after the strategy attaches, unless the strategy uses the text tower: a trainable
+        parameter without a gradient inflates the counts and the checkpoint, and stops DDP. Default: none.
+        """
+        return ()
+
     def identity(self) -> str:
         """A human-readable name of the weights this backbone was built from."""
         return self.name

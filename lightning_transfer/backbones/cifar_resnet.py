@@ -159,6 +159,9 @@ class CIFARResNet(Backbone):
         """The original network's output: features through the checkpoint's own ``linear`` classifier."""
         return self.linear(self(x))  # (B, num_classes)
 
+    def unused_by_forward(self) -> tuple[str, ...]:
+        return ("linear.",)  # only reference_logits reads the original classifier
+
     def data_config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = {"input_size": (3, 32, 32), "mean": _MEAN, "std": _STD,
                                "interpolation": "bilinear", "crop_pct": 1.0}

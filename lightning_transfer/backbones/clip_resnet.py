@@ -353,6 +353,9 @@ class CLIPResNetBackbone(CLIPTextTower, Backbone):
         return self(x)
 
     # ---- metadata -----------------------------------------------------------------------------------------
+    def unused_by_forward(self) -> tuple[str, ...]:
+        return ("model.text_model.", "model.text_projection.", "model.logit_scale")  # the text side
+
     @property
     def lora_target_modules(self) -> list[str]:
         # the attention pool's projections: the only Linear layers of the image tower

@@ -265,6 +265,10 @@ class HFCLIPBackbone(CLIPTextTower, Backbone):
         return self.model.visual_projection(self(x))
 
     # ---- metadata -----------------------------------------------------------------------------------------
+    def unused_by_forward(self) -> tuple[str, ...]:
+        # forward pools the CLS token before the projection; only encode_image and the text side use the rest
+        return ("model.text_model.", "model.text_projection.", "model.logit_scale", "model.visual_projection.")
+
     @property
     def lora_target_modules(self) -> list[str]:
         # full names, so LoRA lands in the image tower only (the text tower has the same module names)

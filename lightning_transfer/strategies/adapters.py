@@ -117,6 +117,10 @@ class Adapter(AdaptationStrategy):
             raise ValueError(f"init must be 'lora' or 'bert', got {init!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if scale is not None and not (math.isfinite(scale) and scale != 0):
+            # s = 0 cuts the adapter off: its output is zero and it never gets a gradient
+            raise ValueError(f"scale must be a finite non-zero number, got {scale}: use None for the default (0.1 for "
+                             "parallel, AdaptFormer; 1.0 otherwise, Houlsby)")
         self.bottleneck, self.placement, self.activation, self.dropout, self.init = (
             bottleneck, placement, activation, dropout, init)
         self.scale = float(scale) if scale is not None else (0.1 if placement == "parallel" else 1.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch import nn
@@ -37,8 +38,9 @@ class FullFinetune(AdaptationStrategy):
         super().__init__()
         if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
             raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}; use None to disable it")
-        if backbone_lr_scale < 0:
-            raise ValueError(f"backbone_lr_scale must be >= 0, got {backbone_lr_scale}")
+        if not (math.isfinite(backbone_lr_scale) and backbone_lr_scale >= 0):
+            raise ValueError(f"backbone_lr_scale must be a finite number >= 0, got {backbone_lr_scale}: use e.g. 0.1 "
+                             "for a backbone learning rate 10x below the head's, 1.0 for the same")
         self.layer_decay = layer_decay
         self.backbone_lr_scale = backbone_lr_scale
 

@@ -55,13 +55,29 @@ class PartialFreeze(AdaptationStrategy):
         return head(backbone.pool(backbone.finalize(tokens)))
 
     def set_train_mode(self, backbone: Backbone, head: nn.Module | None, mode: bool) -> None:
-        if not mode:
-            return
-        k = self.frozen_count(backbone)
-        for block in list(backbone.blocks)[:k]:
-            block.eval()  # dropout off, BatchNorm statistics frozen
-        layer_of = backbone.layer_ids()
-        for name, module in backbone.named_modules():  # the embedding stem (e.g. a CNN's first BatchNorm)
-            own = [f"{name}.{n}" if name else n for n, _ in module.named_parameters(recurse=False)]
-            if own and layer_of[own[0]] == 0:
-                module.eval()
+        if mode:
+            _eval_frozen(backbone)  # dropout off, BatchNorm statistics frozen where nothing trains
+
+
+def _trains(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def _eval_frozen(module: nn.Module) -> None:
+    """Put in eval mode every submodule with no trainable parameter beneath it, never an ancestor of one that trains.
+
+    ``eval()`` recurses, so calling it on a module that merely owns a frozen parameter (a timm ViT's root owns
+    ``cls_token``; a CLIPModel owns ``logit_scale``) would switch off dropout and drop-path in the trained blocks.
+    A parameter-less child (``pos_drop``) goes with the nearest earlier sibling that has parameters: after the
+    frozen embedding it is off, after a trained layer (a head dropout) or first in its parent it stays on.
+    """
+    follows_frozen = False
+    for child in module.children():
+        if any(True for _ in child.parameters()):
+            follows_frozen = not _trains(child)
+            if follows_frozen:
+                child.eval()
+            else:
+                _eval_frozen(child)
+        elif follows_frozen:
+            child.eval()

@@ -117,6 +117,9 @@ class VQT(AdaptationStrategy):
             raise ValueError(f"num_queries must be >= 1, got {num_queries}")
         if not 0.0 <= query_dropout < 1.0:
             raise ValueError(f"query_dropout must be in [0, 1), got {query_dropout}")
+        if init_scale is not None and not init_scale > 0:  # also refuses nan
+            raise ValueError(f"init_scale must be > 0 (queries start as U(-init_scale, init_scale)), got {init_scale}: "
+                             "use None for VPT's Xavier default")
         if pooling not in ("concat", "mean"):
             raise ValueError(f"pooling must be 'concat' or 'mean', got {pooling!r}")
         if group_lasso < 0:

@@ -94,3 +94,10 @@ def test_adapter_errors_name_the_fix():
     with pytest.raises(ValueError, match="cannot be folded"):
         module.adaptation.merged_backbone_state(module.backbone)
     assert Adapter(placement="sequential").scale == 1.0 and Adapter().scale == 0.1
+
+
+@pytest.mark.parametrize("scale", [0.0, float("nan"), float("inf")])
+def test_a_zero_or_non_finite_scale_is_refused(scale):
+    # s = 0 cuts the adapter off: its output is always zero and it never gets a gradient
+    with pytest.raises(ValueError, match=f"scale must be a finite non-zero number, got {scale}"):
+        Adapter(scale=scale)

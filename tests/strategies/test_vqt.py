@@ -284,3 +284,9 @@ def test_vtab_recipe_builds_with_the_paper_schedule(tmp_path):
         scheduler.step()
     assert max(lrs) == pytest.approx(0.125) and lrs.index(max(lrs)) == 9  # warm-up over epochs 1-10
     assert lrs[0] < 0.01 and lrs[-1] < 0.001 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+@pytest.mark.parametrize("init_scale", [0.0, -1.0, float("nan")])
+def test_a_non_positive_init_scale_is_refused(init_scale):
+    with pytest.raises(ValueError, match=f"init_scale must be > 0 .*got {init_scale}"):
+        VQT(init_scale=init_scale)
