@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import math
-import warnings
 from typing import Any, Literal
 
 import torch
@@ -22,6 +20,7 @@ from lightning_transfer.checkpointing import capture_rng_states, restore_rng_sta
 from lightning_transfer.cuda_check import skip_nvml_check_without_gpus
 from lightning_transfer.heads import LinearHead
 from lightning_transfer.profiling import use_null_profiler
+from lightning_transfer.schedulers import keep_lr_scales
 from lightning_transfer.strategies.base import AdaptationStrategy
 from lightning_transfer.test_time.base import TestTimeAdaptation
 
@@ -348,7 +347,7 @@ class TransferModule(LightningModule):
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
-        _keep_lr_scales(scheduler, optimizer, type(self.adaptation).__name__)
+        keep_lr_scales(scheduler, optimizer, type(self.adaptation).__name__)
         interval = self.lr_scheduler_interval
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
@@ -505,45 +504,6 @@ class TransferModule(LightningModule):
 # Lightning reads training_step's parameters with inspect.getfullargspec on every training step (to decide whether to
 # pass batch_idx); with the signature precomputed that is a lookup, not a parse of the function: ~150 to ~65 us a step.
 setattr(TransferModule.training_step, "__signature__", inspect.signature(TransferModule.training_step))  # noqa: B010
-
-
-def _follows_scales(lrs: list[float], scales: list[float]) -> bool:
-    return all(math.isclose(lr * scales[0], lrs[0] * scale, rel_tol=1e-6) for lr, scale in zip(lrs, scales))
-
-
-def _keep_lr_scales(scheduler: Any, optimizer: Optimizer, strategy: str) -> None:
-    """Give the groups' ``lr_scale`` back to OneCycleLR and CyclicLR, which set absolute learning rates when built.
-
-    CosineAnnealingLR, StepLR, LambdaLR (WarmupCosineLR) ... scale the learning rates the groups have (already
-    multiplied by ``lr_scale``; WarmupCosineLR's warm-up lr is absolute by design and the ratios return after it);
-    OneCycleLR and CyclicLR overwrite them with one ``max_lr`` / ``base_lr`` for every group, which would drop layer
-    decay and ``backbone_lr_scale``. Their per-group values are rescaled here, once, and checked.
-    """
-    from torch.optim.lr_scheduler import CyclicLR, OneCycleLR
-
-    groups = optimizer.param_groups
-    scales = [g.get("lr_scale", 1.0) for g in groups]
-    if not isinstance(scheduler, (OneCycleLR, CyclicLR)) or len(set(scales)) < 2 \
-            or _follows_scales([g["lr"] for g in groups], scales):
-        return
-    for group, scale in zip(groups, scales):
-        for key in ("lr", "initial_lr", "max_lr", "min_lr"):  # OneCycleLR keeps its schedule in the groups
-            if key in group:
-                group[key] = group[key] * scale
-    for name in ("base_lrs", "max_lrs", "_last_lr"):  # CyclicLR keeps it on the scheduler
-        values = getattr(scheduler, name, None)
-        if isinstance(values, list) and len(values) == len(scales):
-            setattr(scheduler, name, [v * scale for v, scale in zip(values, scales)])
-    with warnings.catch_warnings():  # get_lr outside step() warns; here it only checks the rescaled schedule
-        warnings.simplefilter("ignore")
-        lrs = scheduler.get_lr()
-    if not _follows_scales([float(lr) for lr in lrs], scales):
-        raise ValueError(
-            f"{type(scheduler).__name__} sets learning rates that ignore the per-group lr_scale of {strategy} "
-            f"({[round(s, 6) for s in scales]}: layer_decay / backbone_lr_scale), and rescaling them failed: use "
-            "CosineAnnealingLR or another scheduler that multiplies the optimizer's learning rates, or set "
-            "layer_decay=None and backbone_lr_scale=1.0"
-        )
 
 
 def _check_optimizer(factory: OptimizerCallable) -> None:

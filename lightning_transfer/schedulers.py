@@ -1,13 +1,16 @@
-"""Learning-rate schedules the published recipes use that torch does not ship as one class."""
+"""Learning-rate schedules the published recipes use that torch does not ship as one class, and the per-group
+learning-rate scales (layer decay) kept under torch's schedulers that set absolute learning rates."""
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import CyclicLR, LambdaLR, OneCycleLR
 
 
 def warmup_cosine_factor(epoch: int, max_epochs: int, warmup_epochs: int, warmup_factor: float) -> float:
@@ -45,3 +48,40 @@ class WarmupCosineLR(LambdaLR):
             factors.append(partial(warmup_cosine_factor, max_epochs=max_epochs, warmup_epochs=warmup_epochs,
                                    warmup_factor=warmup_lr / base if base > 0 else 0.0))
         super().__init__(optimizer, factors, last_epoch=last_epoch)
+
+
+def _follows_scales(lrs: list[float], scales: list[float]) -> bool:
+    return all(math.isclose(lr * scales[0], lrs[0] * scale, rel_tol=1e-6) for lr, scale in zip(lrs, scales))
+
+
+def keep_lr_scales(scheduler: Any, optimizer: Optimizer, strategy: str) -> None:
+    """Give the groups' ``lr_scale`` back to OneCycleLR and CyclicLR, which set absolute learning rates when built.
+
+    CosineAnnealingLR, StepLR, LambdaLR (WarmupCosineLR) ... scale the learning rates the groups have (already
+    multiplied by ``lr_scale``; WarmupCosineLR's warm-up lr is absolute by design and the ratios return after it);
+    OneCycleLR and CyclicLR overwrite them with one ``max_lr`` / ``base_lr`` for every group, which would drop layer
+    decay and ``backbone_lr_scale``. Their per-group values are rescaled here, once, and checked.
+    """
+    groups = optimizer.param_groups
+    scales = [g.get("lr_scale", 1.0) for g in groups]
+    if not isinstance(scheduler, (OneCycleLR, CyclicLR)) or len(set(scales)) < 2 \
+            or _follows_scales([g["lr"] for g in groups], scales):
+        return
+    for group, scale in zip(groups, scales):
+        for key in ("lr", "initial_lr", "max_lr", "min_lr"):  # OneCycleLR keeps its schedule in the groups
+            if key in group:
+                group[key] = group[key] * scale
+    for name in ("base_lrs", "max_lrs", "_last_lr"):  # CyclicLR keeps it on the scheduler
+        values = getattr(scheduler, name, None)
+        if isinstance(values, list) and len(values) == len(scales):
+            setattr(scheduler, name, [v * scale for v, scale in zip(values, scales)])
+    with warnings.catch_warnings():  # get_lr outside step() warns; here it only checks the rescaled schedule
+        warnings.simplefilter("ignore")
+        lrs = scheduler.get_lr()
+    if not _follows_scales([float(lr) for lr in lrs], scales):
+        raise ValueError(
+            f"{type(scheduler).__name__} sets learning rates that ignore the per-group lr_scale of {strategy} "
+            f"({[round(s, 6) for s in scales]}: layer_decay / backbone_lr_scale), and rescaling them failed: use "
+            "CosineAnnealingLR or another scheduler that multiplies the optimizer's learning rates, or set "
+            "layer_decay=None and backbone_lr_scale=1.0"
+        )
