@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
@@ -30,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 import lightning_transfer  # noqa: F401  (fills the registries)
 from lightning_transfer.callbacks.efficiency import EfficiencyMonitor
+from lightning_transfer.callbacks.predictions import PredictionWriter
 from lightning_transfer.callbacks.progress import ThrottledProgressBar
 from lightning_transfer.checkpointing import PARTIAL_PREFIX
 from lightning_transfer.datamodules.base import TransferDataModule
@@ -195,6 +197,9 @@ class TransferCLI(LightningCLI):
         wanted = setting("enable_progress_bar") is not False and not setting("barebones")
         if wanted and not any(isinstance(cb, ProgressBar) for cb in listed):
             kwargs["callbacks"] = [*_as_list(setting("callbacks")), ThrottledProgressBar()]
+        if self.subcommand == "predict" and not any(isinstance(cb, BasePredictionWriter) for cb in listed):
+            # predict's outputs go to files in the run folder (Lightning would only return them to the caller)
+            kwargs["callbacks"] = [*_as_list(kwargs.get("callbacks", setting("callbacks"))), PredictionWriter()]
         return super().instantiate_trainer(**kwargs)
 
     def instantiate_classes(self) -> None:
