@@ -54,8 +54,14 @@ class PredictionWriter(BasePredictionWriter):
 
     def write_on_epoch_end(self, trainer: Trainer, pl_module: LightningModule, predictions: Any,
                            batch_indices: Any) -> None:
-        loaders = predictions if predictions and isinstance(predictions[0], list) else [predictions]
-        indices = batch_indices if batch_indices and isinstance(batch_indices[0], list) else [batch_indices]
+        several = bool(predictions) and isinstance(predictions[0], list)  # one list of batches per dataloader
+        loaders = predictions if several else [predictions]
+        # the split positions of each loader's batches (flattened whatever their nesting; unused if they do not add up)
+        if several:
+            fits = batch_indices and len(batch_indices) == len(loaders)
+            indices = list(batch_indices) if fits else [[] for _ in loaders]
+        else:
+            indices = [batch_indices]
         hparams = getattr(pl_module, "hparams", {})
         datamodule = getattr(trainer, "datamodule", None)
         names = list(hparams.get("class_names") or getattr(datamodule, "class_names", None) or [])
@@ -68,7 +74,7 @@ class PredictionWriter(BasePredictionWriter):
             if not batches:
                 continue
             probs = torch.cat([b.float().cpu() for b in batches])  # (N, C)
-            flat = [int(p) for batch in (positions or []) for p in batch]
+            flat = _flatten_ints(positions)
             index = flat if len(flat) == len(probs) else list(range(len(probs)))
             suffix = (f"_{i}" if len(loaders) > 1 else "") + rank
             self._write(folder, suffix, probs, index, names)
@@ -90,3 +96,9 @@ class PredictionWriter(BasePredictionWriter):
         os.replace(partial, folder / f"predictions{suffix}.csv")
         save_file({"probabilities": probs.contiguous(), "index": torch.tensor(index, dtype=torch.long)},
                   str(folder / f"probabilities{suffix}.safetensors"))
+
+
+def _flatten_ints(value: object) -> list[int]:
+    if isinstance(value, (list, tuple)):
+        return [i for item in value for i in _flatten_ints(item)]
+    return [int(value)]  # type: ignore[call-overload]

@@ -53,3 +53,20 @@ def test_an_output_dir_that_holds_files_is_refused_before_predicting(tmp_path):
     with pytest.raises(FileExistsError, match="exists and is not an empty folder"):
         PredictionWriter(output_dir=str(tmp_path)).setup(SimpleNamespace(), None, "predict")
     assert (tmp_path / "kept.csv").read_text() == "a user's file\n"
+
+
+def test_rows_carry_the_split_positions_lightning_reports(tmp_path):
+    # under DDP each process predicts its own share: the positions, not the row numbers, say which images
+    from types import SimpleNamespace
+
+    from lightning_transfer.callbacks.predictions import PredictionWriter
+
+    writer = PredictionWriter(output_dir=str(tmp_path / "out"))
+    trainer = SimpleNamespace(is_global_zero=True, strategy=SimpleNamespace(broadcast=lambda x: x), world_size=1,
+                              global_rank=0, datamodule=None)
+    module = SimpleNamespace(hparams={"class_names": ["cat", "dog"]})
+    writer.write_on_epoch_end(trainer, module, [torch.tensor([[0.9, 0.1], [0.2, 0.8]]), torch.tensor([[0.6, 0.4]])],
+                              [[7, 3], [5]])
+    with open(tmp_path / "out" / "predictions.csv") as f:
+        rows = [(r["index"], r["class_name"]) for r in csv.DictReader(f)]
+    assert rows == [("7", "cat"), ("3", "dog"), ("5", "cat")]
