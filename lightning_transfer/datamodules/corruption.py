@@ -141,8 +141,12 @@ def zoom_blur(x: np.ndarray, severity: int, rng: Rng) -> np.ndarray:
     return _clip((x + out) / (len(zooms) + 1))
 
 
+# ITU-R 601 luma: the weights of OpenCV's RGB2GRAY and PIL's "L"; every colour -> gray conversion here uses them
+LUMA = (0.299, 0.587, 0.114)
+
+
 def _gray(x: np.ndarray) -> np.ndarray:
-    return x[..., 0] * 0.299 + x[..., 1] * 0.587 + x[..., 2] * 0.114  # (H, W), OpenCV's RGB2GRAY
+    return x[..., 0] * LUMA[0] + x[..., 1] * LUMA[1] + x[..., 2] * LUMA[2]  # (H, W)
 
 
 def snow(x: np.ndarray, severity: int, rng: Rng) -> np.ndarray:
@@ -369,7 +373,7 @@ def uint8_images_to_tensor(images: np.ndarray, data_config: dict[str, Any]) -> T
     _, h, w = data_config["input_size"]
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0  # (N, 3, H, W)
     if image_channels(data_config) == 1:
-        x = torch.einsum("nchw,c->nhw", x, torch.tensor([0.299, 0.587, 0.114]))[:, None]  # (N, 1, H, W)
+        x = torch.einsum("nchw,c->nhw", x, torch.tensor(LUMA))[:, None]  # (N, 1, H, W)
     if x.shape[-2:] != (h, w):
         x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
     mean = torch.tensor(data_config["mean"], dtype=torch.float32).view(1, -1, 1, 1)

@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from lightning_transfer.datamodules.base import TransferDataModule, fewshot_indices, split_digest, stratified_split
-from lightning_transfer.datamodules.corruption import uint8_images_to_tensor
+from lightning_transfer.datamodules.corruption import LUMA, uint8_images_to_tensor
 from lightning_transfer.datamodules.digits import images_to_tensor
 from lightning_transfer.registry import register_datamodule
 
@@ -140,7 +140,7 @@ class DigitImages(Dataset):
         if image.ndim == 3 and channels == 3:  # colour (SVHN) for a colour backbone
             return uint8_images_to_tensor(image[None], self.data_config)[0], self.labels[index]
         if image.ndim == 3:  # colour for a gray backbone: ITU-R 601 luma
-            image = image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+            image = image.astype(np.float32) @ np.array(LUMA, dtype=np.float32)
         gray = image.astype(np.float32)[None] / 255.0  # (1, H, W)
         return images_to_tensor(gray, self.data_config)[0], self.labels[index]  # gray repeated to the channels
 
