@@ -369,16 +369,16 @@ def _evaluated_checkpoint(sub: str, name: str, trainer: Any) -> str:
         raise FileNotFoundError(f"{sub} --ckpt_path best: 'best' is the best checkpoint of a fit in the same process, "
                                 "which this command has not run; pass the path of the checkpoint to evaluate (e.g. "
                                 "<run folder>/checkpoints/<name>.ckpt), or 'last' for the newest run's last.ckpt")
+    folders = _checkpoint_folders(trainer)
     found = find_last_checkpoint(trainer)
+    fallback = Path(trainer.get("default_root_dir") or ".") / "checkpoints" / "last.ckpt"
+    if found is None and not folders and fallback.is_file():  # no logger: Lightning's one fixed folder
+        found = fallback
     if found is None:
-        folders = _checkpoint_folders(trainer) or [Path(trainer.get("default_root_dir") or ".") / "checkpoints"]
-        fallback = folders[0] / "last.ckpt"
-        if not _checkpoint_folders(trainer) and fallback.is_file():  # no logger: Lightning's one fixed folder
-            found = fallback
-        else:
-            raise FileNotFoundError(
-                f"{sub} --ckpt_path last: no last.ckpt of an earlier run in {', '.join(map(str, folders))}; pass "
-                "the path of the checkpoint to evaluate (without a checkpoint the model is untrained)")
+        raise FileNotFoundError(
+            f"{sub} --ckpt_path last: no last.ckpt of an earlier run in "
+            f"{', '.join(map(str, folders or [fallback.parent]))}; pass the path of the checkpoint to evaluate "
+            "(without a checkpoint the model is untrained)")
     rank_zero_info(f"{sub}: --ckpt_path last is {found}, the newest last checkpoint of an earlier run")
     return str(found)
 
