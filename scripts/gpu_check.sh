@@ -2,7 +2,8 @@
 # One short run on a CUDA machine checks the GPU paths (a few minutes on one GPU):
 #   1. every registered strategy (each contract case) takes one accumulated, clipped optimizer step in bf16-mixed and
 #      16-mixed on the GPU, with a table of peak CUDA memory per case (scripts/gpu_check.py);
-#   2. the contract-level precision tests on the GPU (LT_TEST_ACCELERATOR=cuda) and the gpu-marked tests (FSDP).
+#   2. the contract-level precision tests on the GPU (LT_TEST_ACCELERATOR=cuda) and the gpu-marked tests (FSDP, and the
+#      CUDA-only paths in tests/test_cuda_paths.py).
 # Without a CUDA device it says so and exits 0. Usage: scripts/gpu_check.sh   (PYTHON=... to choose the interpreter)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +20,6 @@ echo "== one step per strategy in bf16-mixed and 16-mixed, peak CUDA memory per 
 timeout 240 "$PYTHON" scripts/gpu_check.py --device cuda --precision bf16-mixed 16-mixed || status=1
 echo "== contract precision tests on the GPU and gpu-marked tests"
 LT_TEST_ACCELERATOR=cuda timeout 180 "$PYTHON" -m pytest -q -p no:warnings -m "gpu or not slow" \
-    tests/strategies/test_precision.py tests/test_fsdp.py || status=1
+    tests/strategies/test_precision.py tests/test_fsdp.py tests/test_cuda_paths.py tests/test_cuda_paths.py || status=1
 if [ "$status" -eq 0 ]; then echo "gpu_check: all passed"; else echo "gpu_check: FAILED"; fi
 exit $status
