@@ -180,3 +180,9 @@ class SHERL(AdaptationStrategy):
     def forward(self, backbone: Backbone, head: nn.Module | None, inputs: Tensor) -> Tensor:
         assert head is not None
         return head(self.features(backbone, inputs))
+
+    def set_train_mode(self, backbone: Backbone, head: nn.Module | None, mode: bool) -> None:
+        super().set_train_mode(backbone, head, mode)  # the frozen trunk: eval (dropout and drop-path off)
+        if mode and self.tune_late_blocks:  # the late blocks it trains keep their dropout and drop-path
+            for i in range(backbone.depth - self.late_blocks, backbone.depth):
+                backbone.blocks[i].train(True)

@@ -139,6 +139,19 @@ def test_tune_late_blocks_trains_and_checkpoints_them():
     assert module.backbone.model.blocks[3].attn.qkv.weight.grad is None
 
 
+def test_tuned_late_blocks_train_with_dropout_and_the_frozen_trunk_does_not():
+    module = _module(tune_late_blocks=True, late_blocks=2).train()
+    blocks = module.backbone.model.blocks
+    assert all(m.training for i in (4, 5) for m in blocks[i].modules())  # dropout and drop-path stay on
+    assert not any(m.training for i in range(4) for m in blocks[i].modules())
+    assert not module.backbone.model.patch_embed.training
+    assert module.adaptation.training
+    module.eval()
+    assert not any(m.training for m in module.modules())
+    frozen = _module(late_blocks=2).train()  # not tuned: the late blocks are frozen and stay in eval mode
+    assert not any(m.training for m in frozen.backbone.modules())
+
+
 @pytest.mark.parametrize(("pooling", "late_blocks"), [("cls", 1), ("mean", 2)])
 def test_bert_padded_batch_equals_each_example_alone(pooling, late_blocks):
     """Padded positions never reach a real one: the early route is per token, the late blocks and the pooling
