@@ -68,12 +68,30 @@ def resolve_registry_names(argv: list[str]) -> list[str]:
 
 
 class TransferArgumentParser(LightningArgumentParser):
-    """Adds the registered choices to errors about a component that cannot be resolved."""
+    """Short errors: the message, the likely fix and the help command, without argparse's full usage block.
+
+    Adds the registered choices to errors about a component that cannot be resolved, and the closest known keys to
+    an unknown option (``--trainer.max_epohcs`` -> ``--trainer.max_epochs``).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if not args and "prog" not in kwargs and Path(sys.argv[0]).name == "__main__.py":
+            kwargs["prog"] = "python -m lightning_transfer"  # not "__main__.py" in usage lines and tips
+        super().__init__(*args, **kwargs)
+
+    def print_usage(self, file: Any = None) -> None:
+        """One line: the usage block of ``fit`` (60 lines, every option) buried the error printed after it."""
+        prog = self.prog.replace(" [options]", "")
+        subcommand = " SUBCOMMAND" if getattr(self, "_subcommands_action", None) is not None else ""
+        (file or sys.stdout).write(f"usage: {prog}{subcommand} [-c CONFIG] [--KEY=VALUE ...]\n")
 
     def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
         unknown_option = _unknown_option_hint(message)
         if unknown_option:  # the class is right, an option of it is not: listing the other classes would mislead
             super().error(f"{message}\n{unknown_option}", ex)
+        close_keys = _close_keys_hint(message, getattr(ex, "subcommand_parser", None) or self)
+        if close_keys:
+            super().error(f"{message}\n{close_keys}", ex)
         for key, registry in _COMPONENT_KEYS.items():
             if f'"{key}"' in message or f"'{key}'" in message or f"key {key}:" in message:
                 choices = ", ".join(f"{cls.__name__} ({name})" for name, cls in registry.items())
@@ -81,6 +99,23 @@ class TransferArgumentParser(LightningArgumentParser):
                             f"--{key}=<ClassName> (see `python -m lightning_transfer list`).")
                 break
         super().error(message, ex)
+
+
+def _close_keys_hint(message: str, parser: argparse.ArgumentParser) -> str | None:
+    """For an unknown key (on the command line or in a config file): the parser's keys closest to it."""
+    found = re.findall(r"(?<=\s)--([\w.]+)", message.partition("unrecognized arguments:")[2])
+    found += re.findall(r"Subcommand '\w+' does not accept option '([\w.]+)'", message)
+    found += [f"{group}.{key}" for group, key in re.findall(r"Group '([\w.]+)' does not accept option '([\w.]+)'",
+                                                            message)]
+    if not found:
+        return None
+    keys = sorted({a.dest for a in parser._actions if isinstance(a.dest, str) and "." in a.dest})
+    hints = []
+    for key in dict.fromkeys(found):
+        close = difflib.get_close_matches(key, keys, n=3, cutoff=0.75)
+        if close:
+            hints.append(f"--{key}: did you mean {' or '.join('--' + c for c in close)}?")
+    return "\n".join(hints) or None
 
 
 def _unknown_option_hint(message: str) -> str | None:

@@ -140,6 +140,18 @@ def test_an_unknown_option_of_the_right_strategy_lists_its_options_not_the_strat
     assert "Registered choices" not in err
 
 
+def test_a_misspelt_key_gets_the_closest_keys_and_no_usage_block(capsys, tmp_path):
+    err = _error(["--config", QUICK, "--trainer.max_epohcs=2", *NO_LOGGER], capsys)
+    assert "unrecognized arguments: --trainer.max_epohcs=2" in err
+    assert "--trainer.max_epohcs: did you mean --trainer.max_epochs" in err
+    assert "--trainer.accelerator" not in err and len(err.splitlines()) <= 6  # argparse's usage block was 60 lines
+    (tmp_path / "bad.yaml").write_text("trainer:\n  max_epohcs: 2\n")
+    err = _error(["--config", QUICK, "--config", str(tmp_path / "bad.yaml"), *NO_LOGGER], capsys)
+    assert "does not accept option" in err and "--trainer.max_epohcs: did you mean --trainer.max_epochs" in err
+    err = _error(["--config", QUICK, "--trainer.nonsense_flag=1", *NO_LOGGER], capsys)
+    assert "unrecognized arguments" in err and "did you mean" not in err  # nothing close: no guess
+
+
 def test_unknown_backbone_class_lists_the_registered_ones(capsys):
     err = _error(["--config", QUICK, "--model.backbone=NoSuchBackbone", *NO_LOGGER], capsys)
     assert "NoSuchBackbone" in err and "Registered choices for model.backbone" in err and "TimmBackbone" in err
