@@ -53,13 +53,19 @@ def fewshot_indices(
 
 
 def stratified_split(labels: Sequence[int] | np.ndarray, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Split indices into (rest, held_out) with ``fraction`` of every class held out."""
+    """Split indices into (rest, held_out) with ``fraction`` of every class held out.
+
+    With ``fraction > 0``, every class of two or more items gives at least one and keeps at least one: a small class
+    (4 images at 0.1) would otherwise round to nothing and be missing from validation.
+    """
     label_array = np.asarray(labels)
     rng = np.random.default_rng(seed)
     held: list[int] = []
     for c in np.unique(label_array):
         idx = np.flatnonzero(label_array == c)
         n = int(round(len(idx) * fraction))
+        if fraction > 0 and len(idx) >= 2:
+            n = min(max(n, 1), len(idx) - 1)
         held.extend(int(i) for i in rng.choice(idx, size=n, replace=False))
     held_set = set(held)
     return [i for i in range(len(label_array)) if i not in held_set], sorted(held)

@@ -81,7 +81,7 @@ def test_offline_formats_source_to_target(tmp_path):
     assert x.shape == (1, 28, 28) and int(y) == i % 10
     assert torch.allclose(x[0], (torch.from_numpy(mnist_x[i]).float() / 255 - 0.5) / 0.25, atol=1e-5)
     usps_x, _ = _digits(30, 16)
-    rgb = DigitDomains(source="mnist", target="usps", root=str(tmp_path), data_config=RGB32)
+    rgb = DigitDomains(source="mnist", target="usps", root=str(tmp_path), data_config=RGB32, val_fraction=0.5)
     rgb.setup()
     x, _ = rgb.datasets["test"][3]
     assert x.shape == (3, 32, 32)  # gray repeated over the backbone's three channels, resized 16 -> 32

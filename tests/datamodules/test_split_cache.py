@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_transfer.datamodules.base import cached_split
+from lightning_transfer.datamodules.base import cached_split, stratified_split
 
 
 def test_cache_is_written_once_and_read_back(tmp_path):
@@ -26,3 +26,14 @@ def test_corrupt_cache_names_the_file_and_says_delete_it(tmp_path, content, prob
     path.write_text(content)
     with pytest.raises(ValueError, match=rf"split cache .*s\.json.*{problem}.*delete it to redraw"):
         cached_split(path, lambda: {"train": [0], "val": [1]}, keys=("train", "val"), num_items=3)
+
+
+def test_stratified_split_holds_out_some_of_every_class_that_can_spare_one():
+    labels = [0] * 100 + [1] * 4 + [2] * 2 + [3]  # at 0.1, classes 1 and 2 used to round to nothing held out
+    rest, held = stratified_split(labels, 0.1, seed=0)
+    assert sorted(rest + held) == list(range(len(labels))) and not set(rest) & set(held)
+    held_per_class = {c: sum(labels[i] == c for i in held) for c in range(4)}
+    assert held_per_class == {0: 10, 1: 1, 2: 1, 3: 0}  # the single image of class 3 stays in training
+    assert stratified_split(labels, 0.0, seed=0) == (list(range(len(labels))), [])
+    _, most = stratified_split([0] * 3, 0.99, seed=0)
+    assert len(most) == 2  # one is always left to train on
