@@ -285,7 +285,8 @@ def _check_runnable(subcommand: str | None, model: Any, datamodule: Any) -> None
         raise ValueError(
             f"{type(adaptation).__name__} builds its classifier from class names, but {type(datamodule).__name__} "
             f"has only placeholders ({', '.join(map(repr, names[:3]))}{', ...' if len(names) > 3 else ''}), from "
-            "which no prompt means anything: pass the real names in order as data.init_args.class_names"
+            "which no prompt means anything: "
+            + getattr(datamodule, "class_names_fix", "pass the real names in order as data.init_args.class_names")
         )
     # every shipped datamodule yields images; one of the user's own may yield token ids
     shipped = type(datamodule).__module__.startswith("lightning_transfer.datamodules")

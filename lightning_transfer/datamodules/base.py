@@ -175,6 +175,7 @@ class TransferDataModule(LightningDataModule):
     # True where class_names are placeholders ("0", "1", ...) the datamodule made up for lack of real names: a
     # prompt built from them means nothing, so CLIP-style methods refuse them
     class_names_generated: bool = False
+    class_names_fix: str = "pass the real names in order as data.init_args.class_names"
 
     # ---- what the model needs -----------------------------------------------------------------------------
     @property

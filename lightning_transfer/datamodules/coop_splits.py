@@ -141,18 +141,22 @@ def read_imagenet_folders(folder: Path, classnames: Path) -> tuple[list[str], di
         extra = sorted(set(val_wnids) ^ set(wnids))[:5]
         raise ValueError(f"ImageNet: {str(folder / 'train')!r} and {str(folder / 'val')!r} have different class "
                          f"folders (e.g. {extra}); both need one folder per WordNet id")
-    table = {wnid: wnid for wnid in wnids}
-    if classnames.is_file():
-        table = {}
-        for line in _read_text(classnames):
-            wnid, _, name = line.partition(" ")
-            if wnid:
-                table[wnid] = name.strip()
-        unnamed = [w for w in wnids if w not in table]
-        if unnamed:
-            raise ValueError(f"{str(classnames)!r} has no name for the class folders {unnamed[:5]} "
-                             f"({len(unnamed)} in all); it needs one line '<wnid> <class name>' per folder")
+    names = wnid_names(classnames, wnids) if classnames.is_file() else wnids
     splits = {split: [(str(p), label) for label, wnid in enumerate(wnids)
                       for p in image_files(folder / split / wnid)] for split in ("train", "val")}
     splits["test"] = splits["val"]
-    return [clean_class_name(table[w]) for w in wnids], splits
+    return names, splits
+
+
+def wnid_names(classnames: Path, wnids: list[str]) -> list[str]:
+    """The prompt name of each WordNet id in ``wnids``, from a ``classnames.txt`` of lines ``<wnid> <name>``."""
+    table = {}
+    for line in _read_text(classnames):
+        wnid, _, name = line.partition(" ")
+        if wnid:
+            table[wnid] = name.strip()
+    unnamed = [w for w in wnids if w not in table]
+    if unnamed:
+        raise ValueError(f"{str(classnames)!r} has no name for the class folders {unnamed[:5]} "
+                         f"({len(unnamed)} in all); it needs one line '<wnid> <class name>' per folder")
+    return [clean_class_name(table[w]) for w in wnids]

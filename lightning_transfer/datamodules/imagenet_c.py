@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_transfer.datamodules.base import fewshot_indices
+from lightning_transfer.datamodules.coop_splits import wnid_names
 from lightning_transfer.datamodules.corruption import CORRUPTIONS
 from lightning_transfer.datamodules.files import FileListDataModule, Sample, check_labels, image_files
 from lightning_transfer.registry import register_datamodule
@@ -23,11 +24,12 @@ class ImageNetC(FileListDataModule):
     """ImageNet-C: one test set per (corruption, severity) from the released folders; optional clean training data.
 
     Classes are the WordNet ids (``n01440764`` ...) of the first test set's folders, sorted (the ImageNet label
-    order); every set must have the same. ``images_per_class`` evaluates on a fixed subset (the same files in every
-    set, drawn with ``seed``), as TTA papers often do for speed. ``clean_dir`` (``<clean_dir>/<wnid>/*``, e.g. the
-    clean ImageNet validation set) gives training and validation images (source statistics for CAFA, or fitting);
-    without it there is nothing to fit on. Images go through the backbone's evaluation transform; caching is for
-    subsets only (50,000 images at 224x224 take 7.5 GB per set).
+    order); every set must have the same. Their names are the WordNet ids, or with ``classnames`` (CoOp's ImageNet
+    ``classnames.txt``) real names, which CLIP's zero-shot and prompt methods need. ``images_per_class`` evaluates
+    on a fixed subset (the same files in every set, drawn with ``seed``), as TTA papers often do for speed.
+    ``clean_dir`` (``<clean_dir>/<wnid>/*``, e.g. the clean ImageNet validation set) gives training and validation
+    images (source statistics for CAFA, or fitting); without it there is nothing to fit on. Images go through the
+    backbone's evaluation transform; caching is for subsets only (50,000 images at 224x224 take 7.5 GB per set).
 
     Args:
         root: the ImageNet-C folder; default ``<data_dir>/ImageNet-C``.
@@ -35,10 +37,15 @@ class ImageNetC(FileListDataModule):
         severities: severities 1-5 to test each corruption at (``None``: ``[5]``).
         images_per_class: test on this many images per class of every set (``None``: all 50).
         clean_dir: clean images in ``<wnid>/<image>`` folders, split into training and validation sets.
+        classnames: a text file of lines ``<wnid> <class name>`` (CoOp's ``classnames.txt``) naming every class;
+            relative to ``data_dir``. Without it the class names are the WordNet ids (fine for a linear head).
         cache_images: decode and resize the images once into memory.
         val_fraction: share of each clean class held out for validation.
         **kwargs: see :class:`~lightning_transfer.datamodules.files.FileListDataModule`.
     """
+
+    class_names_fix = ("pass data.init_args.classnames, a file of lines '<wnid> <class name>' such as CoOp's "
+                       "ImageNet classnames.txt")
 
     def __init__(
         self,
@@ -47,6 +54,7 @@ class ImageNetC(FileListDataModule):
         severities: list[int] | None = None,
         images_per_class: int | None = None,
         clean_dir: str | None = None,
+        classnames: str | None = None,
         cache_images: bool = False,
         val_fraction: float = 0.1,
         data_dir: str | None = None,
@@ -74,8 +82,11 @@ class ImageNetC(FileListDataModule):
         self.corruptions, self.images_per_class = names, images_per_class
         self.root = Path(root).expanduser() if root else self.data_dir / "ImageNet-C"
         self.clean_dir = Path(clean_dir).expanduser() if clean_dir else None
+        self.classnames = self.data_dir / Path(classnames).expanduser() if classnames else None
+        # the WordNet ids are no names to prompt with: CLIP's methods refuse them unless a classnames file is given
+        self.class_names_generated = self.classnames is None
         self.variant = f"imagenet-c/{'all' if images_per_class is None else images_per_class}-per-class"
-        self._class_names: list[str] | None = None
+        self._wnids: list[str] | None = None
 
     @property
     def test_names(self) -> list[str]:
@@ -93,18 +104,29 @@ class ImageNetC(FileListDataModule):
         return folder
 
     @property
-    def class_names(self) -> list[str]:
-        if self._class_names is None:
+    def wnids(self) -> list[str]:
+        """The sorted class folders of the first test set (the label order)."""
+        if self._wnids is None:
             folder = self._set_dir(self.test_names[0])
-            self._class_names = sorted(p.name for p in folder.iterdir() if p.is_dir())
-            if not self._class_names:
+            self._wnids = sorted(p.name for p in folder.iterdir() if p.is_dir())
+            if not self._wnids:
                 raise FileNotFoundError(f"{folder} has no class folders (<wnid>/<image>)")
-        return list(self._class_names)
+        return list(self._wnids)
+
+    @property
+    def class_names(self) -> list[str]:
+        if self.classnames is None:
+            return self.wnids
+        if not self.classnames.is_file():
+            raise FileNotFoundError(f"classnames file {self.classnames} not found: pass CoOp's ImageNet classnames.txt "
+                                    "(lines '<wnid> <class name>'), relative to data_dir or absolute, or leave it "
+                                    "unset for WordNet ids as names")
+        return wnid_names(self.classnames, self.wnids)
 
     def _folder_samples(self, folder: Path) -> list[Sample]:
-        index = {name: i for i, name in enumerate(self.class_names)}
+        index = {name: i for i, name in enumerate(self.wnids)}
         classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
-        if classes != self.class_names:
+        if classes != self.wnids:
             raise ValueError(f"the class folders of {folder} differ from those of {self._set_dir(self.test_names[0])}"
                              f" ({len(classes)} vs {len(index)}); every set needs the same wnids")
         return [(str(p), index[p.parent.name]) for c in classes for p in image_files(folder / c)]
@@ -132,7 +154,7 @@ class ImageNetC(FileListDataModule):
                                                                self.seed, strict=False)]  # "up to" per class
             self.samples[f"test/{name}"] = samples
         for split, samples in self.samples.items():
-            check_labels(samples, len(self.class_names), f"ImageNetC {split}")
+            check_labels(samples, len(self.wnids), f"ImageNetC {split}")
         self.splits = {k: [p for p, _ in v] for k, v in self.samples.items()}
         if "train" in self.samples:
             self.datasets = {"train": self._dataset(self.samples["train"], True),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from lightning_transfer.datamodules import Digits
 from lightning_transfer.datamodules.base import TransferDataModule
@@ -48,9 +49,26 @@ def test_npz_images(tmp_path, num_classes, class_names, generated):
     assert dm.class_names_generated is generated
 
 
-def test_imagenet_c_names_are_wordnet_ids_not_placeholders():
-    # not words, but not made up either, and ImageNetC takes no class_names to replace them: not refused
-    assert ImageNetC().class_names_generated is False
+def test_imagenet_c_names_are_wordnet_ids_unless_a_classnames_file_names_them(tmp_path):
+    for severity in ("1", "2"):
+        for wnid in ("n02", "n01"):
+            folder = tmp_path / "ImageNet-C" / "fog" / severity / wnid
+            folder.mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(folder / "a.JPEG")
+    plain = ImageNetC(corruptions=["fog"], severities=[1, 2], data_dir=str(tmp_path))
+    assert plain.class_names == ["n01", "n02"] and plain.class_names_generated is True  # no prompt from a wnid
+    assert "classnames" in plain.class_names_fix
+    (tmp_path / "classnames.txt").write_text("n01 tench\nn02 great_white shark\nn03 other\n")
+    named = ImageNetC(corruptions=["fog"], severities=[1, 2], data_dir=str(tmp_path), classnames="classnames.txt",
+                      data_config={"input_size": (3, 8, 8), "mean": (0.5,) * 3, "std": (0.25,) * 3})
+    assert named.class_names == ["tench", "great white shark"] and named.class_names_generated is False
+    named.setup("test")  # labels still follow the sorted wnids
+    assert [y for _, y in named.samples["test/fog-2"]] == [0, 1]
+    with pytest.raises(FileNotFoundError, match="classnames file .*missing.txt not found"):
+        _ = ImageNetC(corruptions=["fog"], data_dir=str(tmp_path), classnames="missing.txt").class_names
+    (tmp_path / "short.txt").write_text("n01 tench\n")
+    with pytest.raises(ValueError, match=r"has no name for the class folders \['n02'\]"):
+        _ = ImageNetC(corruptions=["fog"], severities=[1], data_dir=str(tmp_path), classnames="short.txt").class_names
 
 
 def test_class_subset_follows_the_datamodule_it_restricts():
