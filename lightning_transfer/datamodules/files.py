@@ -8,6 +8,7 @@ the samples are (:meth:`FileListDataModule.load_samples`) and what the classes a
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -55,13 +56,38 @@ def check_labels(samples: Sequence[Sample], num_classes: int, source: str) -> No
 
 
 def check_files_exist(samples: dict[str, list[Sample]], listed_in: str) -> None:
-    """Every listed image must exist (a stat each): otherwise the run would fail mid-epoch, after training started."""
+    """Every listed image must exist: otherwise the run would fail mid-epoch, after training started."""
     paths = list(dict.fromkeys(p for rows in samples.values() for p, _ in rows))
-    missing = [p for p in paths if not Path(p).is_file()]
+    missing = missing_files(paths)
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(paths)} images listed in {listed_in} are missing on disk: "
                                 f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}; restore them "
                                 "(re-download or re-extract the dataset) or remove their lines from the list")
+
+
+def missing_files(paths: list[str], min_per_folder: int = 8) -> list[str]:
+    """The paths that are not files, in order: one listing per folder instead of one stat per file.
+
+    A full ImageNet list is 1.28M files in 1,000 folders: 1,000 listings, where a stat each took seconds (more on a
+    network filesystem). A name not in its folder's listing is stat'ed before it counts as missing (a
+    case-insensitive filesystem opens ``a.JPEG`` listed as ``a.jpeg``); folders with few listed files are stat'ed.
+    """
+    by_folder: dict[str, list[str]] = {}
+    for p in paths:
+        by_folder.setdefault(os.path.dirname(p), []).append(p)
+    absent: set[str] = set()
+    for folder, group in by_folder.items():
+        if len(group) < min_per_folder:
+            absent.update(p for p in group if not os.path.isfile(p))
+            continue
+        try:
+            with os.scandir(folder or ".") as entries:
+                names = {e.name for e in entries if e.is_file()}
+        except OSError:  # no such folder (or unreadable): every file in it is missing
+            absent.update(group)
+            continue
+        absent.update(p for p in group if os.path.basename(p) not in names and not os.path.isfile(p))
+    return [p for p in paths if p in absent]
 
 
 def read_split_list(path: Path, root: Path) -> list[Sample]:

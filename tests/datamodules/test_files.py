@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_transfer.datamodules.files import FileListDataModule, ImageList, UInt8Cache
+from lightning_transfer.datamodules.files import FileListDataModule, ImageList, UInt8Cache, missing_files
 from lightning_transfer.datamodules.folder import build_transform
 
 CFG = {"input_size": (3, 32, 32), "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3), "crop_pct": 0.875,
@@ -160,3 +160,18 @@ def test_timm_crop_mode_is_honoured_cached_or_not(tmp_path, crop_mode):
         assert torch.allclose(plain[0][0], expected, atol=1e-5)
         center = ImageList(samples, build_transform(CFG, training=False, augment=True))
         assert not torch.allclose(center[0][0], expected, atol=1e-2)  # the default mode crops the long side
+
+
+def test_missing_files_lists_folders_once_and_keeps_the_order(tmp_path):
+    many, few = tmp_path / "many", tmp_path / "few"
+    many.mkdir()
+    few.mkdir()
+    for i in range(12):
+        (many / f"{i}.png").write_bytes(b"x")
+    (few / "a.png").write_bytes(b"x")
+    (many / "sub.png").mkdir()  # a folder named like an image is not an image
+    paths = [str(many / f"{i}.png") for i in range(14)] + [str(many / "sub.png"), str(few / "a.png"),
+                                                          str(few / "b.png"), str(tmp_path / "gone" / "c.png")]
+    assert missing_files(paths) == [str(many / "12.png"), str(many / "13.png"), str(many / "sub.png"),
+                                    str(few / "b.png"), str(tmp_path / "gone" / "c.png")]
+    assert missing_files(paths, min_per_folder=1) == missing_files(paths, min_per_folder=10**6)  # listing == stat
