@@ -19,8 +19,13 @@ from lightning_transfer._config import RecordsInitArgs
 from lightning_transfer.backbones.base import Backbone
 from lightning_transfer.registry import STRATEGIES
 
-# parameter-name fragments that never get weight decay (tokens, positions, norms)
-_NO_DECAY_NAMES = ("token", "pos_embed", "norm", "prompt", "ctx", "query")
+# parameters that never get weight decay, by a whole component of their name: learned tokens and positions (timm's
+# ``no_weight_decay()`` names, OpenAI's and Hugging Face's position tables, BERT's token-type table), VQT's query
+# tokens and CoOp's context vectors. Whole components, not substrings: BERT's attention ``query`` projection, and the
+# LoRA matrices on it, are decayed like ``key`` and ``value``.
+_NO_DECAY_COMPONENTS = frozenset({"cls_token", "dist_token", "reg_token", "mask_token", "pos_embed",
+                                  "positional_embedding", "position_embedding", "position_embeddings",
+                                  "token_type_embeddings", "queries", "ctx"})
 
 
 def freeze(module: nn.Module) -> None:
@@ -29,8 +34,8 @@ def freeze(module: nn.Module) -> None:
 
 
 def no_weight_decay(name: str, param: Tensor) -> bool:
-    """Biases, norm affine parameters and learned tokens are not decayed (timm/BEiT convention)."""
-    return param.ndim <= 1 or any(frag in name for frag in _NO_DECAY_NAMES)
+    """Biases, norm affine parameters, learned tokens and positions are not decayed (timm/BEiT convention)."""
+    return param.ndim <= 1 or any(part in _NO_DECAY_COMPONENTS or part.endswith("_token") for part in name.split("."))
 
 
 class AdaptationStrategy(nn.Module, RecordsInitArgs):
