@@ -133,10 +133,23 @@ def _unknown_option_hint(message: str) -> str | None:
 
 
 class LoggedConfigCallback(SaveConfigCallback):
-    """Save the resolved config next to the run (never over an existing file) and log it to every logger."""
+    """Save the resolved config next to the run (never over an existing file) and log it to every logger.
+
+    Without a logger it goes to ``default_root_dir`` as ``config.yaml``, or ``config-1.yaml``, ``config-2.yaml`` ...
+    when earlier runs into that folder left theirs (checkpoints there are numbered the same way by Lightning).
+    """
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         config = self.parser.dump(self.config, skip_none=False, format="yaml")
+        if not trainer.loggers:
+            root = Path(trainer.default_root_dir)
+            root.mkdir(parents=True, exist_ok=True)
+            path, number = root / "config.yaml", 0
+            while path.exists():
+                number += 1
+                path = root / f"config-{number}.yaml"
+            path.write_text(config)
+            rank_zero_info(f"the resolved config is saved as {path}")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.experiment.config.update({"config": self.parser.dump(self.config, skip_none=False,

@@ -303,3 +303,15 @@ def test_top_level_help_names_every_subcommand(capsys):
     assert done.value.code == 0
     printed = capsys.readouterr().out
     assert "{fit,validate,test,predict,list,export,bench}" in printed and "bench summarize" in printed
+
+
+def test_a_run_without_a_logger_saves_its_config_and_never_over_an_earlier_one(tmp_path):
+    root = tmp_path / "out"
+    for epochs in (1, 2):
+        TransferCLI(args=["fit", "--config", QUICK, *FAST, *NO_LOGGER, f"--trainer.max_epochs={epochs}",
+                          f"--trainer.default_root_dir={root}"])
+    first, second = (yaml.safe_load((root / name).read_text()) for name in ("config.yaml", "config-1.yaml"))
+    assert first["trainer"]["max_epochs"] == 1 and second["trainer"]["max_epochs"] == 2
+    rerun = TransferCLI(args=["fit", "--config", str(root / "config-1.yaml"), "--trainer.limit_train_batches=1"])
+    assert rerun.trainer.state.finished and rerun.trainer.max_epochs == 2  # the saved config runs as is
+    assert yaml.safe_load((root / "config-2.yaml").read_text())["trainer"]["limit_train_batches"] == 1
