@@ -301,14 +301,18 @@ def _check_runnable(subcommand: str | None, model: Any, datamodule: Any) -> None
             "which no prompt means anything: "
             + getattr(datamodule, "class_names_fix", "pass the real names in order as data.init_args.class_names")
         )
-    # every shipped datamodule yields images; one of the user's own may yield token ids
-    shipped = type(datamodule).__module__.startswith("lightning_transfer.datamodules")
-    if shipped and model.backbone.data_config().get("modality") == "text":
+    # a datamodule says what it yields (TransferDataModule.modality); one of the user's own that does not subclass
+    # it is not checked
+    reads = model.backbone.data_config().get("modality", "image")
+    yields = getattr(datamodule, "modality", None)
+    if yields is not None and yields != reads:
+        fix = ("choose a text datamodule (text_csv: a CSV of text,label rows) or an image backbone" if reads == "text"
+               else "choose a text backbone (HFTextBackbone) or an image datamodule")
+        what = {"text": "token ids", "image": "images"}
         raise ValueError(
-            f"{type(model.backbone).__name__} ({model.backbone.identity()}) reads token ids (data_config modality "
-            f"'text'), but {type(datamodule).__name__} yields images and there is no text datamodule: use text "
-            "backbones from the Python API with your own tokenised data (TransferModule + a Trainer), or choose an "
-            "image backbone")
+            f"{type(model.backbone).__name__} ({model.backbone.identity()}) reads {what.get(reads, reads)} "
+            f"(data_config modality {reads!r}), but {type(datamodule).__name__} yields {what.get(yields, yields)}: "
+            f"{fix}")
 
 
 def _model_flags(argv: list[str]) -> list[str]:

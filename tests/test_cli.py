@@ -265,8 +265,8 @@ def test_a_text_backbone_with_an_image_datamodule_is_refused_before_the_run_star
             f"--model.backbone.init_args.model_name_or_path={tiny_bert_dir()}", "--model.adaptation=LinearProbe",
             "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
             f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}"]
-    with pytest.raises(ValueError, match=r"HFTextBackbone \(hf_text:.*\) reads token ids .* but Digits yields images "
-                                         "and there is no text datamodule: use text backbones from the Python API"):
+    with pytest.raises(ValueError, match=r"HFTextBackbone \(hf_text:.*\) reads token ids .* but Digits yields images: "
+                                         r"choose a text datamodule \(text_csv"):
         TransferCLI(args=args)
     assert not (tmp_path / "runs").exists(), "no run folder for a run that cannot start"
 

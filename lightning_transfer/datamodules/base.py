@@ -176,6 +176,10 @@ class TransferDataModule(LightningDataModule):
     # prompt built from them means nothing, so CLIP-style methods refuse them
     class_names_generated: bool = False
     class_names_fix: str = "pass the real names in order as data.init_args.class_names"
+    # what the loaders yield, checked against the backbone's data_config "modality" before anything runs
+    modality: str = "image"
+    # how the loaders batch items (None: torch's default); a text datamodule pads each batch to its longest item
+    collate_fn: Any = None
 
     # ---- what the model needs -----------------------------------------------------------------------------
     @property
@@ -211,7 +215,7 @@ class TransferDataModule(LightningDataModule):
             raise RuntimeError(f"{type(self).__name__} has no {split!r} split (call setup first)")
         return DataLoader(
             self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=self.num_workers > 0, collate_fn=self.collate_fn,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -224,7 +228,7 @@ class TransferDataModule(LightningDataModule):
                                       seed=shuffle_seed(world))
         return ResumableDataLoader(
             self.datasets["train"], batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0, generator=torch.Generator(),
+            persistent_workers=self.num_workers > 0, generator=torch.Generator(), collate_fn=self.collate_fn,
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -232,8 +236,8 @@ class TransferDataModule(LightningDataModule):
 
     def test_dataloader(self) -> Any:
         if len(self.test_sets) > 1:  # Lightning then reports each under its dataloader index
-            return [DataLoader(d, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
-                    for d in self.test_sets]
+            return [DataLoader(d, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                               collate_fn=self.collate_fn) for d in self.test_sets]
         return self._loader("test", shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:

@@ -43,6 +43,27 @@ def tiny_bert_dir(config: dict[str, Any] | None = None) -> str:
     return str(path)
 
 
+# a few words, so that short sentences tokenise to whole words (ids 5..); [PAD] 0, [CLS] 1, [SEP] 2 as BERT's order
+TINY_WORDS = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]", "good", "bad", "movie", "film", "great", "awful", "the",
+              "a", "is", "was", "not", "very", "plot", "acting", "fun", "!", ".", ","]
+
+
+def tiny_bert_text_dir() -> str:
+    """The tiny BERT of :func:`tiny_bert_dir` with a WordPiece tokenizer of :data:`TINY_WORDS` saved beside it."""
+    from transformers import BertTokenizer
+
+    path = _WEIGHTS_DIR / f"{Path(tiny_bert_dir()).name}_with_tokenizer"
+    if not (path / "tokenizer_config.json").is_file():
+        tmp = Path(tempfile.mkdtemp(dir=_WEIGHTS_DIR))
+        shutil.copytree(tiny_bert_dir(), tmp, dirs_exist_ok=True)
+        BertTokenizer(vocab={word: i for i, word in enumerate(TINY_WORDS)}).save_pretrained(tmp)
+        try:
+            tmp.rename(path)
+        except OSError:  # another process wrote it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(path)
+
+
 def tiny_bert(**overrides: Any) -> HFTextBackbone:
     return HFTextBackbone(model_name_or_path=tiny_bert_dir(), **overrides)
 
