@@ -22,7 +22,7 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -59,29 +59,61 @@ def _environment() -> dict[str, Any]:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                                cwd=Path(__file__).parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"git_commit": commit, "versions": versions}
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                                  cwd=Path(__file__).parent)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    commit = (git("rev-parse", "HEAD") or "").strip() or None
+    # the commit alone does not say what ran when tracked files had uncommitted changes
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"git_commit": commit, "git_dirty": None if status is None else bool(status.strip()), "versions": versions}
 
 
-def _inference_throughput(module: Any, loader: Any, max_batches: int = 20) -> float:
+def _inference_throughput(module: Any, loader: Any, max_batches: int = 20, precision: Any = None) -> float:
+    """Test images per second of ``module``'s forward pass, the first batch left out as warm-up.
+
+    Args:
+        module: the fitted model, on its device.
+        loader: a test dataloader yielding ``(inputs, targets)``.
+        max_batches: timed batches at most.
+        precision: the trainer's precision plugin: the inputs are cast and the forward runs in its context as in
+            ``trainer.test`` (a bf16-true model takes bf16 inputs; a mixed-precision one runs under autocast).
+    """
     import torch
 
+    context = precision.test_step_context if precision is not None else contextlib.nullcontext
+    cuda = module.device.type == "cuda"
+
+    def seconds(x: Any) -> float:
+        if cuda:  # CUDA runs asynchronously: time the kernels, not their launch
+            torch.cuda.synchronize(module.device)
+        start = time.perf_counter()
+        module(x)
+        if cuda:
+            torch.cuda.synchronize(module.device)
+        return time.perf_counter() - start
+
     module.eval()
-    seen, elapsed = 0, 0.0
-    with torch.no_grad():
+    seen, elapsed, first = 0, 0.0, None
+    with torch.no_grad(), context():
         for i, batch in enumerate(loader):
             x = batch[0].to(module.device)
-            start = time.perf_counter()
-            module(x)
-            if i > 0:  # the first batch warms up
-                elapsed += time.perf_counter() - start
-                seen += len(x)
+            if precision is not None:
+                x = precision.convert_input(x)
+            took = seconds(x)
+            if i == 0:  # the first batch warms up
+                first = x
+            else:
+                elapsed, seen = elapsed + took, seen + len(x)
             if i >= max_batches:
                 break
+        if seen == 0 and first is not None:  # a test set of one batch: time that batch again, warmed up
+            for _ in range(min(max_batches, 5)):
+                elapsed, seen = elapsed + seconds(first), seen + len(first)
     return seen / elapsed if elapsed > 0 else float("nan")
 
 
@@ -149,6 +181,64 @@ def config_changes(stored: str, expected: str) -> list[str]:
             if key not in _NOT_INPUTS and old.get(key) != new.get(key)]
 
 
+def row_metrics(results: Sequence[Mapping[str, float]], names: list[str] | None = None) -> dict[str, Any]:
+    """Top-1, top-5 and ECE from ``trainer.test``'s results (one dict per test dataloader).
+
+    With several test sets (one per corruption, ...) Lightning suffixes every key with ``/dataloader_idx_i``: each
+    number is then the mean over the test sets, and ``top1_per_test_set`` keeps the accuracy of each (named by the
+    datamodule's ``test_names`` where it has them)."""
+    keys = {"top1": "test/acc", "top5": "test/acc_top5", "ece": "test/ece"}
+    if len(results) == 1:
+        return {name: results[0].get(key) for name, key in keys.items()}
+    if not names or len(names) != len(results):
+        names = [str(i) for i in range(len(results))]
+
+    def mean_over_sets(key: str) -> float | None:
+        values = [r.get(f"{key}/dataloader_idx_{i}") for i, r in enumerate(results)]
+        found = [v for v in values if v is not None]
+        return sum(found) / len(found) if found and len(found) == len(values) else None
+
+    per_set = {name: r.get(f"test/acc/dataloader_idx_{i}") for i, (name, r) in enumerate(zip(names, results))}
+    return {**{name: mean_over_sets(key) for name, key in keys.items()}, "top1_per_test_set": per_set}
+
+
+def _first_loader(loaders: Any) -> Any:
+    """The first of several test dataloaders (a list or dict of them), or the one."""
+    if isinstance(loaders, dict):
+        return next(iter(loaders.values()))
+    return loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+
+
+def keep_checkpoints_in(trainer: Any, workdir: Path) -> None:
+    """Point every ``ModelCheckpoint`` with a ``dirpath`` of its own at ``workdir/checkpoints``.
+
+    A base config's ``dirpath`` (e.g. ``runs/tta_cifar10c/checkpoints``, relative to the current folder) would put
+    every row's checkpoints into the folder of the user's own run, beside its ``last.ckpt``, and into each other's;
+    each row keeps its checkpoints under its own ``--output`` folder instead (several callbacks: one folder each)."""
+    callbacks = list(getattr(trainer, "checkpoint_callbacks", []))
+    for i, callback in enumerate(callbacks):
+        if getattr(callback, "dirpath", None) is not None:
+            folder = workdir / "checkpoints"
+            callback.dirpath = str(folder / str(i) if len(callbacks) > 1 else folder)
+
+
+def input_files(config: str) -> dict[str, str]:
+    """``{"dotted.key": "path (size bytes, modified ns)"}`` for every setting of a resolved config (YAML) that names an
+    existing file: backbone weights, statistics, lists. Its path alone does not say which weights a row used: a file
+    written again at the same path (a re-exported backbone) makes the finished rows another experiment's."""
+    found = {}
+    for key, value in flat_config(config).items():
+        if key in _NOT_INPUTS or not isinstance(value, str) or not value or "\n" in value:
+            continue
+        try:
+            stat = Path(value).stat()
+        except (OSError, ValueError):
+            continue
+        if Path(value).is_file():
+            found[key] = f"{value} ({stat.st_size} bytes, modified {stat.st_mtime_ns})"
+    return found
+
+
 def run_one(configs: list[str], overrides: list[str], seed: int, workdir: Path) -> dict[str, Any]:
     """Fit and test one configuration in this process; return its row (metrics + provenance)."""
     from lightning_transfer.callbacks.efficiency import EfficiencyMonitor
@@ -158,23 +248,25 @@ def run_one(configs: list[str], overrides: list[str], seed: int, workdir: Path) 
     cli = TransferCLI(args=args, run=False, parser_kwargs=PARSER_KWARGS)
     if getattr(cli.datamodule, "seed", seed) != seed:  # vary the K-shot draw with the seed too
         cli = TransferCLI(args=[*args, f"--data.init_args.seed={seed}"], run=False, parser_kwargs=PARSER_KWARGS)
+    keep_checkpoints_in(cli.trainer, workdir)
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     fit_seconds = time.perf_counter() - start
-    tested = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+    tested = row_metrics(cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False),
+                          getattr(cli.datamodule, "test_names", None))
     ckpt = workdir / "final.ckpt"
     cli.trainer.save_checkpoint(ckpt, weights_only=False)  # resumable: optimizer state included, as fit saves it
     callbacks = cli.trainer.callbacks  # type: ignore[attr-defined]
     monitor = next(cb for cb in callbacks if isinstance(cb, EfficiencyMonitor))
     m = monitor.metrics
     return {
-        "top1": tested.get("test/acc"), "top5": tested.get("test/acc_top5"), "ece": tested.get("test/ece"),
+        **tested,
         "trainable_params": m.get("params/trainable"), "total_params": m.get("params/total"),
         "trainable_pct": m.get("params/trainable_pct"), "checkpoint_mb": ckpt.stat().st_size / 2**20,
         "saved_for_backward_mb": m.get("memory/saved_for_backward_mb"), "peak_rss_mb": m.get("memory/peak_rss_mb"),
         "cuda_peak_mb": m.get("memory/cuda_peak_mb"), "train_samples_per_s": m.get("perf/train_samples_per_s"),
-        "infer_samples_per_s": _inference_throughput(cli.model, cli.datamodule.test_dataloader(),
-                                                     max_batches=_test_batch_budget(cli.trainer)),
+        "infer_samples_per_s": _inference_throughput(cli.model, _first_loader(cli.datamodule.test_dataloader()),
+                                                     _test_batch_budget(cli.trainer), cli.trainer.precision_plugin),
         "fit_seconds": fit_seconds, "config": dump_config(cli),
     }
 
@@ -188,7 +280,8 @@ def write_json(path: Path, value: Any) -> None:
 
 def _worker(argv: list[str]) -> None:
     spec = json.loads(argv[0])
-    row: dict[str, Any] = {"strategy": spec["strategy"], "seed": spec["seed"], **_environment()}
+    row: dict[str, Any] = {"strategy": spec["strategy"], "seed": spec["seed"], **_environment(),
+                           "input_files": spec.get("input_files", {})}
     if spec.get("kind") == "tta":
         row["source"] = spec["source"]  # the --ckpt_path given (None: the source model was fitted here)
     try:
@@ -248,7 +341,8 @@ def _fmt(value: Any, key: str) -> str:
     return str(value)
 
 
-def write_tables(table: list[dict[str, Any]], out: Path, omit_accuracy: bool = False) -> None:
+def write_tables(table: list[dict[str, Any]], out: Path, omit_accuracy: bool = False, note: str = "") -> None:
+    """``results.{csv,md,json,tex}``; ``note`` (a sentence) is added above the markdown table and to the caption."""
     columns = [c for c in COLUMNS if not (omit_accuracy and c.startswith("top1"))]
     table = [{k: row[k] for k in columns} for row in table]
     with open(out / "results.csv", "w", newline="") as f:
@@ -260,9 +354,10 @@ def write_tables(table: list[dict[str, Any]], out: Path, omit_accuracy: bool = F
     lines += ["| " + " | ".join(_fmt(row[k], k) for k in columns) + " |" for row in table]
     what = "" if omit_accuracy else "top-1 in %, mean and sample std over seeds; "
     (out / "results.md").write_text(f"{what}memory and checkpoint size in MiB (2^20 bytes; the _mb columns), "
-                                    "throughput in samples/s\n\n" + "\n".join(lines) + "\n")
+                                    "throughput in samples/s" + (f"; {note}" if note else "") + "\n\n"
+                                    + "\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(table, indent=1))
-    (out / "results.tex").write_text(latex_results(table, omit_accuracy))
+    (out / "results.tex").write_text(latex_results(table, omit_accuracy, note))
 
 
 _TEX_HEADER = {"top1_mean": "top-1 (%)", "trainable_params": "params (M)", "trainable_pct": "trainable (%)",
@@ -271,7 +366,7 @@ _TEX_HEADER = {"top1_mean": "top-1 (%)", "trainable_params": "params (M)", "trai
                "train_samples_per_s": "train (samples/s)", "infer_samples_per_s": "inference (samples/s)"}
 
 
-def latex_results(table: list[dict[str, Any]], omit_accuracy: bool = False) -> str:
+def latex_results(table: list[dict[str, Any]], omit_accuracy: bool = False, note: str = "") -> str:
     """``results.tex``: the table as a booktabs LaTeX table, top-1 as mean with its std, the best top-1 in bold.
 
     Columns no row has a value for (``cuda_peak_mb`` on a CPU) are left out; the error column too."""
@@ -294,6 +389,7 @@ def latex_results(table: list[dict[str, Any]], omit_accuracy: bool = False) -> s
     seeds = sorted({row["seeds"] for row in table if row.get("seeds")})
     caption = ("" if omit_accuracy else f"Top-1 accuracy, mean and std over {'/'.join(map(str, seeds)) or 'no'} "
                "seeds; ") + "memory in MiB, throughput in samples/s."
+    caption += f" {note[0].upper()}{note[1:]}." if note else ""
     return latex_table(["strategy", *(_TEX_HEADER[k] for k in keys)], lines, caption)
 
 
@@ -325,7 +421,10 @@ def plot_pareto(table: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
-def log_wandb_table(table: list[dict[str, Any]], out: Path) -> str | None:
+def log_wandb_table(table: list[dict[str, Any]], out: Path, columns: list[str] | tuple[str, ...] = COLUMNS,
+                    settings: dict[str, Any] | None = None, key: str = "results") -> str | None:
+    """Log ``table`` (its ``columns``) as a W&B table named ``key``, with the command's ``settings`` as the run's
+    config (without them a W&B run does not say which configs, strategies, seeds or commit it compares)."""
     from lightning_transfer.loggers import default_wandb_mode
 
     try:
@@ -333,11 +432,17 @@ def log_wandb_table(table: list[dict[str, Any]], out: Path) -> str | None:
     except ImportError:
         return None
     default_wandb_mode()
-    run = wandb.init(project="lightning-transfer-bench", dir=str(out), name=out.name, reinit="finish_previous")
-    run.log({"results": wandb.Table(columns=list(COLUMNS), data=[[r[k] for k in COLUMNS] for r in table])})
+    run = wandb.init(project="lightning-transfer-bench", dir=str(out), name=out.name, reinit="finish_previous",
+                     config=settings or {})
+    run.log({key: wandb.Table(columns=list(columns), data=[[r.get(k) for k in columns] for r in table])})
     run_dir = str(Path(run.dir).parent)
     run.finish()
     return run_dir
+
+
+def _wandb_settings(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
+    return {"configs": list(args.config), "compared": names, "seeds": args.seeds, "overrides": list(args.overrides),
+            "ckpt_path": args.ckpt_path, "omit_accuracy": args.omit_accuracy, **_environment()}
 
 
 # ---- command line ---------------------------------------------------------------------------------------------
@@ -368,11 +473,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _names(text: str | None, flag: str, all_names: list[str]) -> list[str]:
-    """A comma-separated list (or 'all'), stripped; a name listed twice is an error rather than a row counted twice."""
+def _names(text: str | None, flag: str, registry: Any, keep: tuple[str, ...] = ()) -> list[str]:
+    """A comma-separated list (or 'all'), stripped, each name as the registry spells it (a class name such as 'LoRA'
+    is 'lora': its config is ``lora.yaml`` and its rows ``lora_seed*``); a name listed twice is an error rather than a
+    row counted twice. Unknown names are kept as given (the caller names them); ``keep`` are taken as they are."""
     if not text:
         return []
-    names = all_names if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    given = registry.names() if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    canonical = {cls: name for name, cls in registry.items()}
+    names = [n if n in keep or registry.find(n) is None else canonical[registry.find(n)] for n in given]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise SystemExit(f"bench: {flag} lists {', '.join(map(repr, twice))} more than once: list each once")
@@ -418,15 +527,18 @@ def _finished_rows(specs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         if row.get("status") != "ok":
             continue  # failed before: run again
         changes = config_changes(row.get("config") or "{}", spec["expected"])
+        now = input_files(spec["expected"])  # files named by both: the same file (a file made by a run is not)
+        changes += [f"{key}: {used} -> {now[key]}" for key, used in (row.get("input_files") or {}).items()
+                    if key in now and now[key] != used]
         if spec.get("kind") == "tta" and row.get("source", spec["source"]) != spec["source"]:
             changes.append(f"--ckpt_path: {row.get('source') or 'none'} -> {spec['source'] or 'none'}")
         if changes:
             stale.append(f"  {path.name}: {'; '.join(changes[:4])}" + (" ..." if len(changes) > 4 else ""))
         finished[str(path)] = row
     if stale:
-        raise SystemExit("bench: the output folder holds finished runs of these jobs with other settings; nothing has "
-                         "run, nothing is overwritten:\n" + "\n".join(stale) + "\nUse a new --output, or move those "
-                         "row files out of rows/ to run them again with these settings.")
+        raise SystemExit("bench: the output folder holds finished runs of these jobs with other settings or input "
+                         "files; nothing has run, nothing is overwritten:\n" + "\n".join(stale) + "\nUse a new "
+                         "--output, or move those row files out of rows/ to run them again with these settings.")
     return finished
 
 
@@ -451,11 +563,22 @@ def _terminate_as_exit() -> Iterator[None]:
 
 def _worker_command(spec: dict[str, Any]) -> list[str]:
     worker_spec = {k: v for k, v in spec.items() if k != "expected"}
+    worker_spec["input_files"] = input_files(spec["expected"]) if "expected" in spec else {}
     return [sys.executable, "-m", "lightning_transfer", "bench", "--worker", json.dumps(worker_spec)]
 
 
+def _die_with_runner() -> None:
+    """In the worker, before it starts (Linux): SIGTERM when the runner dies, however it dies. A runner killed with
+    SIGKILL (or by the out-of-memory killer) runs no ``finally``; its worker would go on training and write its row
+    while a rerun into the same output ran the same job again."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def _run_worker(spec: dict[str, Any]) -> int:
-    proc = subprocess.Popen(_worker_command(spec), env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc = subprocess.Popen(_worker_command(spec), env={**os.environ, "PYTHONWARNINGS": "ignore"},
+                            preexec_fn=_die_with_runner if sys.platform.startswith("linux") else None)
     try:
         return proc.wait()
     finally:
@@ -466,6 +589,32 @@ def _run_worker(spec: dict[str, Any]) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@contextlib.contextmanager
+def _only_runner(out: Path) -> Iterator[None]:
+    """Hold ``out/.bench.lock`` while running: a second bench into the same output stops before anything runs, rather
+    than running the same jobs a second time beside the first (both writing the same rows and checkpoints, each
+    slowing the other's timings). The lock goes with the process, however it ends."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".bench.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise SystemExit(f"bench: {out} is in use by another bench run ({holder}): wait for it to end, or use "
+                             "another --output. Nothing has run.") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}\n")
+        lock.flush()
+        yield
 
 
 def run_jobs(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -533,6 +682,45 @@ def _bench_test_time(args: argparse.Namespace, out: Path, names: list[str]) -> s
     bench_tta.write_tta_tables(table, sets, out)
     print((out / "results_tta.md").read_text())
     print(f"wrote {out / 'results_tta.csv'}, {out / 'results_tta.md'}")
+    if not args.no_wandb:
+        columns = ["method", "seeds", *sets, "mean_error", "mean_error_std", "error"]
+        run_dir = log_wandb_table(table, out, columns, _wandb_settings(args, methods), key="results_tta")
+        if run_dir:
+            print(f"W&B table: {run_dir}")
+    return _failures(rows)
+
+
+def _test_sets_note(rows: list[dict[str, Any]]) -> str:
+    """Where the test data has several test sets: top-1 is their mean, each set's accuracy is in the rows."""
+    sets = list(dict.fromkeys(name for r in rows if r.get("status") == "ok"
+                              for name in (r.get("top1_per_test_set") or {})))
+    if not sets:
+        return ""
+    shown = ", ".join(sets[:6]) + (", ..." if len(sets) > 6 else "")
+    return f"top-1 is the mean over {len(sets)} test sets ({shown}; each in rows/, top1_per_test_set)"
+
+
+def _bench_strategies(args: argparse.Namespace, out: Path, names: list[str], strategy_dir: Path) -> str | None:
+    specs = [{"strategy": name, "seed": seed, "configs": [*args.config, str(strategy_config(name, strategy_dir))],
+              "overrides": args.overrides, "workdir": str(out / "runs" / f"{name}_seed{seed}"),
+              "row": str(out / "rows" / f"{name}_seed{seed}.json")}
+             for name in names for seed in range(1, args.seeds + 1)]
+    (out / "rows").mkdir(parents=True, exist_ok=True)
+    rows = run_jobs(specs)
+    _note_other_rows(out, specs)
+    table = aggregate(rows, names)
+    write_tables(table, out, omit_accuracy=args.omit_accuracy, note=_test_sets_note(rows))
+    plotted = not args.omit_accuracy and plot_pareto(table, out / "pareto.png")
+    if not plotted and (out / "pareto.png").is_file():  # drawn from earlier rows: it would contradict the table
+        (out / "pareto.png").unlink()
+        print(f"bench: removed {out / 'pareto.png'}: no strategy in this table has an accuracy to plot")
+    print((out / "results.md").read_text())
+    print(f"wrote {out / 'results.csv'}, {out / 'results.md'}" + (f", {out / 'pareto.png'}" if plotted else ""))
+    if not args.no_wandb:
+        columns = [c for c in COLUMNS if not (args.omit_accuracy and c.startswith("top1"))]
+        run_dir = log_wandb_table(table, out, columns, _wandb_settings(args, names))
+        if run_dir:
+            print(f"W&B table: {run_dir}")
     return _failures(rows)
 
 
@@ -554,7 +742,7 @@ def main(argv: list[str]) -> None:
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise SystemExit(f"bench: --output {str(out)!r} is a file, not a folder: pass a folder (new or earlier output)")
-    names = _names(args.strategies, "--strategies", STRATEGIES.names())
+    names = _names(args.strategies, "--strategies", STRATEGIES)
     unknown = [n for n in names if n not in STRATEGIES]
     if unknown:
         raise SystemExit(f"bench: {STRATEGIES.unknown_message(unknown[0])}")
@@ -566,32 +754,14 @@ def main(argv: list[str]) -> None:
         from lightning_transfer import bench_tta
         from lightning_transfer.registry import TEST_TIME
 
-        methods = _names(args.test_time, "--test-time", TEST_TIME.names())
+        methods = _names(args.test_time, "--test-time", TEST_TIME, keep=(bench_tta.SOURCE,))
         bench_tta.check_methods(methods, Path(args.test_time_configs))
         if args.ckpt_path:
             _check_checkpoint(args.ckpt_path)
-    failures = [_bench_test_time(args, out, methods)] if methods else []
-    if names:
-        specs = [{"strategy": name, "seed": seed, "configs": [*args.config, str(strategy_config(name, strategy_dir))],
-                  "overrides": args.overrides, "workdir": str(out / "runs" / f"{name}_seed{seed}"),
-                  "row": str(out / "rows" / f"{name}_seed{seed}.json")}
-                 for name in names for seed in range(1, args.seeds + 1)]
-        (out / "rows").mkdir(parents=True, exist_ok=True)
-        rows = run_jobs(specs)
-        failures.append(_failures(rows))
-        _note_other_rows(out, specs)
-        table = aggregate(rows, names)
-        write_tables(table, out, omit_accuracy=args.omit_accuracy)
-        plotted = not args.omit_accuracy and plot_pareto(table, out / "pareto.png")
-        if not plotted and (out / "pareto.png").is_file():  # drawn from earlier rows: it would contradict the table
-            (out / "pareto.png").unlink()
-            print(f"bench: removed {out / 'pareto.png'}: no strategy in this table has an accuracy to plot")
-        print((out / "results.md").read_text())
-        print(f"wrote {out / 'results.csv'}, {out / 'results.md'}" + (f", {out / 'pareto.png'}" if plotted else ""))
-        if not args.no_wandb:
-            run_dir = log_wandb_table(table, out)
-            if run_dir:
-                print(f"W&B table: {run_dir}")
+    with _only_runner(out):
+        failures = [_bench_test_time(args, out, methods)] if methods else []
+        if names:
+            failures.append(_bench_strategies(args, out, names, strategy_dir))
     failed = [f for f in failures if f]
     if failed:
         raise SystemExit("\n".join(failed))

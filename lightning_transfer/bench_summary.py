@@ -124,6 +124,18 @@ def setting_differences(folders: list[tuple[str, Path]], strategies: list[str]) 
     return notes
 
 
+def seed_differences(summary: dict[str, Any]) -> list[str]:
+    """``strategy: finished seeds differ (label=n, ...)`` where a strategy's columns average different seed counts (a
+    rerun with other ``--seeds``, or seeds that failed): its mean over datasets mixes them."""
+    notes = []
+    for line in summary["lines"]:
+        seeds = {label: cell["seeds"] for label, cell in line["cells"].items() if cell["seeds"]}
+        if len(set(seeds.values())) > 1:
+            shown = ", ".join(f"{label}={n}" for label, n in list(seeds.items())[:4])
+            notes.append(f"{line['strategy']}: finished seeds differ ({shown}{', ...' if len(seeds) > 4 else ''})")
+    return notes
+
+
 # ---- the table -----------------------------------------------------------------------------------------------------
 def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Strategies x datasets: cells (mean, std, seeds), mean trainable parameters and the mean columns.
@@ -260,6 +272,7 @@ def main(argv: list[str]) -> None:
     notes += [f"{line['strategy']} has no result for {label}" for line in summary["lines"]
               for label in summary["labels"] if line["cells"][label]["seeds"] == 0 and not any(
                   err.startswith(f"{label}:") for err in line["errors"])]
+    notes += seed_differences(summary)
     notes += setting_differences(folders, summary["strategies"])
     write_summary(summary, out, notes)
     print((out / "summary.md").read_text())

@@ -42,17 +42,20 @@ def _accuracy_key(index: int, count: int) -> str:
 def run_tta(configs: list[str], overrides: list[str], seed: int, workdir: Path, ckpt: str | None,
             fit: bool) -> dict[str, Any]:
     """Test one method (its config is the last of ``configs``) on every test dataloader; fit first if ``fit``."""
-    from lightning_transfer.bench import PARSER_KWARGS, dump_config, run_args
+    from lightning_transfer.bench import PARSER_KWARGS, dump_config, keep_checkpoints_in, run_args
     from lightning_transfer.cli import TransferCLI
 
     cli = TransferCLI(args=run_args(configs, overrides, seed, workdir), run=False, parser_kwargs=PARSER_KWARGS)
+    keep_checkpoints_in(cli.trainer, workdir)
     row: dict[str, Any] = {}
     if fit:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         ckpt = str(workdir / "source.ckpt")
         cli.trainer.save_checkpoint(ckpt)
         row["source_checkpoint"] = ckpt
-    results = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, verbose=False)
+    # tensors only: a checkpoint is never unpickled here (Lightning's default would unpickle anything)
+    results = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, verbose=False,
+                               weights_only=True)
     names = list(getattr(cli.datamodule, "test_names", None) or [str(i) for i in range(len(results))])
     if len(names) != len(results):
         names = [str(i) for i in range(len(results))]
