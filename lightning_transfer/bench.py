@@ -743,10 +743,12 @@ def main(argv: list[str]) -> None:
     if out.exists() and not out.is_dir():
         raise SystemExit(f"bench: --output {str(out)!r} is a file, not a folder: pass a folder (new or earlier output)")
     names = _names(args.strategies, "--strategies", STRATEGIES)
-    unknown = [n for n in names if n not in STRATEGIES]
-    if unknown:
-        raise SystemExit(f"bench: {STRATEGIES.unknown_message(unknown[0])}")
     strategy_dir = Path(args.strategy_configs)
+    # a name that is no registered strategy is a variant when the folder has its YAML (lora_r16.yaml: LoRA, r=16)
+    unknown = [n for n in names if n not in STRATEGIES and not (strategy_dir / f"{n}.yaml").is_file()]
+    if unknown:
+        raise SystemExit(f"bench: {STRATEGIES.unknown_message(unknown[0])}; or, for a variant of one, write "
+                         f"{strategy_dir / (unknown[0] + '.yaml')} choosing its class and options")
     for name in names:
         strategy_config(name, strategy_dir)  # a missing YAML fails before anything runs
     methods: list[str] = []

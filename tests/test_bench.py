@@ -30,6 +30,21 @@ def test_unknown_strategy_fails_before_running(tmp_path):
         main(["--config", str(REPO / "configs/quickstart.yaml"), "--strategies", "lorax", "--output", str(tmp_path)])
 
 
+def test_a_variant_is_a_yaml_of_its_own_and_an_unknown_name_says_how_to_write_one(tmp_path):
+    strategy_dir = tmp_path / "strategies"
+    strategy_dir.mkdir()
+    argv = ["--config", str(REPO / "configs/quickstart.yaml"), "--output", str(tmp_path / "out"),
+            "--strategy-configs", str(strategy_dir), "--no-wandb", "--strategies"]
+    with pytest.raises(SystemExit, match=r"unknown adaptation strategy 'lora_r16'.* write .*lora_r16\.yaml"):
+        main([*argv, "lora_r16"])
+    # the variant's YAML is what runs: its misspelt option is named under the variant's name before anything runs
+    (strategy_dir / "lora_r16.yaml").write_text("model:\n  adaptation:\n    class_path: LoRA\n"
+                                                "    init_args: {rank: 16}\n")
+    with pytest.raises(SystemExit, match=r"(?s)lora_r16.*rank"):
+        main([*argv, "lora_r16"])
+    assert not list((tmp_path / "out").rglob("*.json"))  # no row ran
+
+
 def test_bench_runs_records_errors_and_resumes(tmp_path, capsys):
     strategy_dir = tmp_path / "strategies"
     strategy_dir.mkdir()
