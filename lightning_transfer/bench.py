@@ -30,9 +30,11 @@ from typing import Any
 from lightning_transfer.registry import STRATEGIES
 
 PACKAGES = ("torch", "lightning", "timm", "peft", "transformers", "torchmetrics", "lightning-transfer")
+# checkpoint_mb: the resumable checkpoint a run saves (optimizer state included); weights_mb: the same without the
+# optimizer and loop state (Trainer.save_checkpoint(weights_only=True)), what keeping the adapted model costs
 COLUMNS = ("strategy", "seeds", "top1_mean", "top1_std", "trainable_params", "trainable_pct", "checkpoint_mb",
-           "saved_for_backward_mb", "peak_rss_mb", "cuda_peak_mb", "train_samples_per_s", "infer_samples_per_s",
-           "error")
+           "weights_mb", "saved_for_backward_mb", "peak_rss_mb", "cuda_peak_mb", "train_samples_per_s",
+           "infer_samples_per_s", "error")
 
 
 # ---- one run ------------------------------------------------------------------------------------------------
@@ -256,6 +258,10 @@ def run_one(configs: list[str], overrides: list[str], seed: int, workdir: Path) 
                           getattr(cli.datamodule, "test_names", None))
     ckpt = workdir / "final.ckpt"
     cli.trainer.save_checkpoint(ckpt, weights_only=False)  # resumable: optimizer state included, as fit saves it
+    weights = workdir / "weights_only.ckpt"  # what storing the adapted model for this task costs
+    cli.trainer.save_checkpoint(weights, weights_only=True)
+    weights_mb = weights.stat().st_size / 2**20
+    weights.unlink()
     callbacks = cli.trainer.callbacks  # type: ignore[attr-defined]
     monitor = next(cb for cb in callbacks if isinstance(cb, EfficiencyMonitor))
     m = monitor.metrics
@@ -263,6 +269,7 @@ def run_one(configs: list[str], overrides: list[str], seed: int, workdir: Path) 
         **tested,
         "trainable_params": m.get("params/trainable"), "total_params": m.get("params/total"),
         "trainable_pct": m.get("params/trainable_pct"), "checkpoint_mb": ckpt.stat().st_size / 2**20,
+        "weights_mb": weights_mb,
         "saved_for_backward_mb": m.get("memory/saved_for_backward_mb"), "peak_rss_mb": m.get("memory/peak_rss_mb"),
         "cuda_peak_mb": m.get("memory/cuda_peak_mb"), "train_samples_per_s": m.get("perf/train_samples_per_s"),
         "infer_samples_per_s": _inference_throughput(cli.model, _first_loader(cli.datamodule.test_dataloader()),
@@ -361,7 +368,8 @@ def write_tables(table: list[dict[str, Any]], out: Path, omit_accuracy: bool = F
 
 
 _TEX_HEADER = {"top1_mean": "top-1 (%)", "trainable_params": "params (M)", "trainable_pct": "trainable (%)",
-               "checkpoint_mb": "checkpoint (MiB)", "saved_for_backward_mb": "saved for backward (MiB)",
+               "checkpoint_mb": "checkpoint (MiB)", "weights_mb": "weights (MiB)",
+               "saved_for_backward_mb": "saved for backward (MiB)",
                "peak_rss_mb": "peak RSS (MiB)", "cuda_peak_mb": "CUDA peak (MiB)",
                "train_samples_per_s": "train (samples/s)", "infer_samples_per_s": "inference (samples/s)"}
 

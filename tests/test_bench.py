@@ -64,6 +64,9 @@ def test_bench_runs_records_errors_and_resumes(tmp_path, capsys):
     assert table["linear_probe"]["top1_std"] == ""  # one seed has no spread to report
     assert float(table["linear_probe"]["trainable_params"]) == 64 * 5 + 5
     assert float(table["linear_probe"]["checkpoint_mb"]) < 0.1
+    # without the optimizer state: smaller, and only the number is kept
+    assert 0 < float(table["linear_probe"]["weights_mb"]) < float(table["linear_probe"]["checkpoint_mb"])
+    assert not list(out.rglob("weights_only.ckpt"))
     assert "num_frozen_blocks=99 is out of range" in table["partial_freeze"]["error"]
     row_path = out / "rows" / "linear_probe_seed1.json"
     row = json.loads(row_path.read_text())
