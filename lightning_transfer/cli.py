@@ -160,7 +160,9 @@ class LoggedConfigCallback(SaveConfigCallback):
                 run_dir = Path(logger.experiment.dir)
             else:
                 logger.log_hyperparams({"config": config})
-                run_dir = Path(trainer.log_dir or ".")
+                # the logger's own folder, not trainer.log_dir: that is a broadcast every process must join, and this
+                # runs on rank 0 only (under DDP the other processes waited at their next barrier for ever)
+                run_dir = Path(getattr(logger, "log_dir", None) or logger.save_dir or trainer.default_root_dir or ".")
             path = run_dir / "config.yaml"
             if path.exists():
                 raise RuntimeError(f"{path} exists already; refusing to overwrite a previous run's config")

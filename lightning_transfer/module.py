@@ -207,6 +207,16 @@ class TransferModule(LightningModule):
         # a frozen backbone would run in train mode: dropout on, BatchNorm statistics drifting. (Validation saves
         # and restores each module's mode, so once per fit, resumed ones included, is enough.)
         self.train()
+        # A fit resumed inside an epoch gets no on_train_epoch_start for it: the epoch's sums go on from the
+        # checkpoint's (every process's, summed, on rank 0: the epoch end sums over processes, whatever their count).
+        # Where an epoch does start, on_train_epoch_start resets them again.
+        self._reset_train_sums()
+        resumed = self.__dict__.pop("_resumed_train_sums", None)
+        if resumed is not None and distributed.is_rank_zero():
+            loss_sum, correct, count = resumed
+            self._train_loss_sum.fill_(loss_sum)
+            self._train_correct.fill_(correct)
+            self._train_count = count
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Lightning zeroes gradients inside its closure, after training_step: the previous step's gradients (one
@@ -406,6 +416,10 @@ class TransferModule(LightningModule):
             # every process's random state (collective: Lightning builds the checkpoint on every process), so a fit
             # resumed from it draws the same dropout masks and augmentations as one never interrupted
             "rng_states": distributed.gather_objects(capture_rng_states()),
+            # every process's running training sums of the epoch in progress (loss sum, correct, count), so that a fit
+            # resumed inside the epoch reports train/loss and train/acc over all of its batches, not only the rest
+            "train_sums": distributed.gather_objects(
+                [float(self._train_loss_sum), int(self._train_correct), int(self._train_count)]),
             # the runs this checkpoint belongs to (the W&B run id), so that resuming continues the same run
             "loggers": {type(lg).__name__: str(lg.version) for lg in self._loggers() if lg.version is not None},
         }
@@ -442,7 +456,19 @@ class TransferModule(LightningModule):
         self._check_shapes(state, own)
         if meta is None:  # a full checkpoint from elsewhere: strict loading does the checking
             return
+        # what this model trains (parameters, the head, the strategy's tensors) must all be in the checkpoint: else
+        # the count of frozen tensors below would be off by them, and its message would blame the backbone
+        trained, _ = self.split_state_dict(own)
+        buffers = {f"backbone.{k}" for k, _ in self.backbone.named_buffers()}  # kept only when training changed them
+        lacking = [k for k in trained if k not in state and k not in buffers]
+        if lacking:
+            raise CheckpointMismatch(
+                f"checkpoint lacks {len(lacking)} tensors this model trains ({', '.join(lacking[:4])}"
+                f"{', ...' if len(lacking) > 4 else ''}): it is incomplete (edited, or not the file fit wrote), or "
+                "the model is built with other settings than the run that saved it (model.adaptation's init_args, "
+                "e.g. LoRA's target_modules): pass the checkpoint as fit wrote it, with the run's settings")
         self._resume_rng_states(meta.get("rng_states"))
+        self._resume_train_sums(meta.get("train_sums"))
         omitted = {k: v for k, v in own.items() if k not in state}
         if len(omitted) != meta["omitted_keys"]:
             raise CheckpointMismatch(
@@ -470,6 +496,13 @@ class TransferModule(LightningModule):
         rank, world = distributed.rank_and_world()
         if fitting and states and len(states) == world:  # with another process count the shards differ anyway
             restore_rng_states(states[rank])
+
+    def _resume_train_sums(self, sums: list[list[float]] | None) -> None:
+        """Keep the checkpoint's training sums for :meth:`on_train_start` when a fit resumes from it."""
+        fitting = self._trainer is not None and self._trainer.state.fn == "fit"
+        if fitting and sums:
+            self.__dict__["_resumed_train_sums"] = (
+                sum(float(s[0]) for s in sums), sum(int(s[1]) for s in sums), sum(int(s[2]) for s in sums))
 
     def _test_time_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """A test-time method's saved state (CAFA statistics) loads only into a model that has one; a model with a

@@ -79,6 +79,20 @@ def test_ddp_only_rank_zero_writes_checkpoints(ddp_results):
     assert ddp_results[1]["strategies"]["lora"]["checkpoint_writes"] == 0
 
 
+def test_a_checkpoint_saved_under_ddp_reloads_in_one_process_with_the_trained_weights(ddp_results):
+    from lightning_transfer.module import CHECKPOINT_KEY, TransferModule
+
+    lora = ddp_results[0]["strategies"]["lora"]
+    saved = torch.load(lora["last_checkpoint"], weights_only=True)
+    meta = saved[CHECKPOINT_KEY]
+    assert len(meta["rng_states"]) == 2 and len(meta["train_sums"]) == 2  # one entry per process
+    # the last step's checkpoint: each process counted its own 10 of the epoch's 20 images
+    assert [count for _, _, count in meta["train_sums"]] == [10, 10]
+    module = TransferModule.load_from_checkpoint(lora["last_checkpoint"], weights_only=True)
+    trained = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    _close(trained, lora["params"], "DDP checkpoint reloaded in one process")
+
+
 @pytest.mark.parametrize("index", range(len(runs.TEST_TIME_CASES)))
 def test_two_process_ddp_test_time_adaptation_equals_one_process(index, ddp_results, one_thread, monkeypatch):
     monkeypatch.setenv("PL_GLOBAL_SEED", "0")  # seed_everything sets it; restored afterwards
@@ -156,3 +170,38 @@ def test_cafa_source_batches_are_split_between_processes_without_overlap(monkeyp
         shards.append([b[0].flatten().tolist() for b in method._source_batches(loader)])
     assert len(alone) == 5 and sorted(alone) == sorted(shards[0] + shards[1])
     assert [len(s) for s in shards] == [3, 2]
+
+
+def test_ddp_throughput_counts_every_process_s_samples():
+    from types import SimpleNamespace
+
+    from lightning_transfer.callbacks.efficiency import EfficiencyMonitor
+
+    class TwoProcesses:  # the other process took as many samples, in 1 s more
+        def reduce(self, tensor: torch.Tensor, reduce_op: str) -> torch.Tensor:
+            return {"sum": tensor * 2, "max": tensor + 1}[reduce_op]
+
+    monitor = EfficiencyMonitor(measure_saved_bytes=False)
+    monitor._samples, monitor._train_time = 10, 2.0  # this process: 10 samples in 2 s
+    trainer = SimpleNamespace(world_size=2, strategy=TwoProcesses(), is_global_zero=True, loggers=[], global_step=4,
+                              current_epoch=0)
+    monitor.on_train_epoch_end(trainer, SimpleNamespace(device=torch.device("cpu")))
+    assert monitor.metrics["perf/train_samples_per_s"] == pytest.approx(20 / 3)  # not 10 / 2, one process's share
+    trainer.world_size = 1
+    monitor._samples, monitor._train_time = 10, 2.0
+    monitor.on_train_epoch_end(trainer, SimpleNamespace(device=torch.device("cpu")))
+    assert monitor.metrics["perf/train_samples_per_s"] == pytest.approx(5.0)
+
+
+@pytest.mark.slow
+def test_a_ddp_fit_from_the_command_line_with_a_csv_logger_saves_its_config_and_ends(tmp_path):
+    # the config is saved on rank 0 only: reading trainer.log_dir there (a broadcast) left rank 1 waiting for ever
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "LT_DATA_DIR": str(tmp_path / "data"),
+           "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "lightning_transfer", "fit", "--config", str(REPO / "configs/quickstart.yaml"),
+            "--config", str(REPO / "configs/logger/csv.yaml"), "--trainer.logger.init_args.save_dir=csv",
+            "--trainer.strategy=ddp", "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.max_epochs=1",
+            "--trainer.enable_progress_bar=false"]
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert len(list((tmp_path / "csv").rglob("config.yaml"))) == 1 and list((tmp_path / "csv").rglob("metrics.csv"))

@@ -20,7 +20,7 @@ from lightning_transfer.checkpointing import PARTIAL_PREFIX, AtomicCheckpointIO
 from lightning_transfer.cli import TransferCLI, find_last_checkpoint
 from lightning_transfer.datamodules import Digits
 from lightning_transfer.datamodules.resumable import EpochShuffleSampler, ResumableDataLoader
-from lightning_transfer.module import TransferModule
+from lightning_transfer.module import CHECKPOINT_KEY, TransferModule
 from lightning_transfer.registry import STRATEGIES
 from tests.conftest import REPO
 from tests.helpers.models import tiny_vit
@@ -121,15 +121,30 @@ def _trainable(module: TransferModule) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
 
 
-def test_resume_mid_epoch_with_dropout_gives_the_same_weights(tmp_path, monkeypatch):
+def test_resume_mid_epoch_with_dropout_gives_the_same_weights_and_epoch_metrics(tmp_path, monkeypatch):
     monkeypatch.setenv("PL_GLOBAL_SEED", "0")
-    uninterrupted = _trainable(_lora_fit(tmp_path / "a"))
+    uninterrupted_module = _lora_fit(tmp_path / "a")
+    uninterrupted = _trainable(uninterrupted_module)
     with pytest.raises(_Crashed):
         _lora_fit(tmp_path / "b", crash_at=7)  # last.ckpt after step 6: the 2nd of epoch 2's 4 batches
-    assert torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)["global_step"] == 6
-    resumed = _trainable(_lora_fit(tmp_path / "b", ckpt_path=str(tmp_path / "b" / "last.ckpt")))
+    crashed = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)
+    assert crashed["global_step"] == 6
+    resumed_module = _lora_fit(tmp_path / "b", ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    resumed = _trainable(resumed_module)
     for name, value in uninterrupted.items():
         assert torch.equal(resumed[name], value), name
+    # the interrupted epoch's training numbers are over all 4 of its batches, not only the 2 run after the resume
+    expected, got = uninterrupted_module.trainer.callback_metrics, resumed_module.trainer.callback_metrics
+    for name in ("train/loss", "train/acc"):
+        assert float(got[name]) == pytest.approx(float(expected[name]), abs=1e-6), name
+    # saved by 2 DDP processes (each its own shard's sums), resumed on 1: the epoch's numbers are over both shards
+    ((loss_sum, correct, count),) = crashed[CHECKPOINT_KEY]["train_sums"]
+    assert count == 10  # 2 batches of 5
+    crashed[CHECKPOINT_KEY]["train_sums"] = [[loss_sum / 4, 0, 4], [loss_sum * 3 / 4, correct, count - 4]]
+    torch.save(crashed, tmp_path / "two.ckpt")
+    from_two = _lora_fit(tmp_path / "c", ckpt_path=str(tmp_path / "two.ckpt")).trainer.callback_metrics
+    for name in ("train/loss", "train/acc"):
+        assert float(from_two[name]) == pytest.approx(float(expected[name]), abs=1e-6), name
 
 
 def test_same_seed_same_numbers(tmp_path, monkeypatch):
@@ -153,12 +168,12 @@ def test_training_loader_resumes_inside_its_epoch_and_not_in_the_next():
     rest = [b[0].tolist() for b in iterator]
     assert sorted(sum(taken + rest, [])) == list(range(20))
     state = first.state_dict()  # as saved after the 4th batch: the epoch is complete
-    assert state == {"epoch": 1, "batches": 4}
+    assert state == {"epoch": 1, "batches": 4, "batch_size": 5, "world_size": 1}
     resumed = _loader()
     resumed.load_state_dict({"epoch": 1, "batches": 2})  # a checkpoint after 2 of the 4 batches of epoch 1
     resumed.sampler.set_epoch(1)
     assert [b[0].tolist() for b in resumed] == rest  # the same remaining batches, the first two never loaded
-    assert resumed.state_dict() == {"epoch": 1, "batches": 4}
+    assert resumed.state_dict() == {"epoch": 1, "batches": 4, "batch_size": 5, "world_size": 1}
     moved_on = _loader()
     moved_on.load_state_dict({"epoch": 1, "batches": 2})
     moved_on.sampler.set_epoch(2)  # the checkpoint's epoch is over: the next one is whole
@@ -166,6 +181,36 @@ def test_training_loader_resumes_inside_its_epoch_and_not_in_the_next():
     other_seed = _loader(seed=4)
     other_seed.sampler.set_epoch(1)
     assert [b[0].tolist() for b in other_seed] != taken + rest
+
+
+def _shard(rank: int, world: int, batch_size: int = 5) -> ResumableDataLoader:
+    data = TensorDataset(torch.arange(40))
+    sampler = EpochShuffleSampler(data, num_replicas=world, rank=rank, seed=3)
+    sampler.set_epoch(1)
+    return ResumableDataLoader(data, batch_size=batch_size, sampler=sampler, generator=torch.Generator())
+
+
+def _samples(batches) -> list[int]:
+    return [i for b in batches for i in b[0].tolist()]
+
+
+@pytest.mark.parametrize(("saved_world", "resumed_world"), [(2, 1), (1, 2), (2, 4)])
+def test_training_loader_resumed_on_another_process_count_leaves_out_exactly_what_was_trained_on(saved_world,
+                                                                                                 resumed_world):
+    taken, state = [], {}
+    for rank in range(saved_world):  # each process of the interrupted fit takes 2 batches of its shard, then stops
+        loader = _shard(rank, saved_world)
+        iterator = iter(loader)
+        taken += _samples(next(iterator) for _ in range(2))
+        state = loader.state_dict() if rank == 0 else state
+    assert state["batches"] == 2 and state["world_size"] == saved_world
+    rest = []
+    for rank in range(resumed_world):
+        loader = _shard(rank, resumed_world)
+        loader.load_state_dict(state)
+        rest += _samples(loader)
+    assert len(taken) == 10 * saved_world
+    assert sorted(taken + rest) == list(range(40))  # every sample once: none trained twice, none left out
 
 
 # ---- atomic checkpoint writes -------------------------------------------------------------------------------------

@@ -65,7 +65,8 @@ class EfficiencyMonitor(Callback):
     """Log trainable/total parameters and checkpoint size once per fit; throughput and memory every epoch.
 
     Throughput leaves out the fit's first training step (one-off costs, and the saved-bytes count runs in it), unless
-    an epoch has no other step. Memory: on CUDA the peak of ``torch.cuda.max_memory_allocated`` in the epoch; on
+    an epoch has no other step; under DDP it is the run's (every process's samples over the slowest process's time),
+    not one process's share. Memory: on CUDA the peak of ``torch.cuda.max_memory_allocated`` in the epoch; on
     every device the bytes saved for backward in the first training step of the fit (:class:`SavedTensorsCounter`)
     and the process's peak RSS.
 
@@ -134,7 +135,12 @@ class EfficiencyMonitor(Callback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._samples == 0 and self._first is not None:  # the epoch had only the first step: it is all there is
             self._samples, self._train_time = self._first
-        metrics = {"perf/train_samples_per_s": self._samples / max(self._train_time, 1e-9),
+        samples, seconds = float(self._samples), self._train_time
+        # under DDP the run's throughput: every process's samples over the slowest process's time
+        if getattr(trainer, "world_size", 1) > 1:
+            samples = float(trainer.strategy.reduce(torch.tensor(samples, device=pl_module.device), reduce_op="sum"))
+            seconds = float(trainer.strategy.reduce(torch.tensor(seconds, device=pl_module.device), reduce_op="max"))
+        metrics = {"perf/train_samples_per_s": samples / max(seconds, 1e-9),
                    "memory/peak_rss_mb": peak_rss_bytes() / 2**20}
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
             metrics["memory/cuda_peak_mb"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**20

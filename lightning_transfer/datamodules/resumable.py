@@ -53,22 +53,31 @@ class EpochShuffleSampler(DistributedSampler):
 class ResumableDataLoader(DataLoader):
     """A DataLoader over an :class:`EpochShuffleSampler` whose position Lightning checkpoints and restores.
 
-    State: the epoch and the number of batches the trainer has taken in it. Lightning's training loop fetches
-    map-style (sized) loaders one batch per step, so at a checkpoint that count is the number of steps done in the
-    epoch. ``generator`` (which seeds worker processes) is reseeded per epoch, so creating the iterator never draws
-    from the global random state that dropout and augmentations use.
+    State: the epoch, the number of batches the trainer has taken in it, and the batch size and process count they
+    were taken with. Lightning's training loop fetches map-style (sized) loaders one batch per step, so at a
+    checkpoint that count is the number of steps done in the epoch. Resumed with another process count (a DDP
+    checkpoint resumed on one process, a requeued job on fewer GPUs), the samples the processes took together, the
+    start of the epoch's permutation, are what is left out, shared between the new processes. ``generator`` (which
+    seeds worker processes) is reseeded per epoch, so creating the iterator never draws from the global random state
+    that dropout and augmentations use.
     """
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         # a generator: this runs at the first batch, after Lightning has called set_epoch for the epoch
         sampler = self.sampler
         self._epoch = int(getattr(sampler, "epoch", 0))
-        resume_epoch, resume_batches = getattr(self, "_resume", (-1, 0))
-        self._resume = (-1, 0)
+        resume_epoch, resume_batches, batch_size, world = getattr(self, "_resume", (-1, 0, None, None))
+        self._resume: tuple[int, int, int | None, int | None] = (-1, 0, None, None)
         self._taken = 0
         if resume_epoch == self._epoch and isinstance(sampler, EpochShuffleSampler) and self.batch_size is not None:
-            sampler.skip = resume_batches * self.batch_size  # the interrupted epoch: leave out what was trained on
-            self._taken = resume_batches
+            # the interrupted epoch: leave out what was trained on, the first `taken` samples of the permutation,
+            # which process r of `world` took as every world-th one from r (DistributedSampler's split)
+            world = world or sampler.num_replicas
+            taken = resume_batches * (batch_size or self.batch_size) * world
+            # this process's share, rounded up on every process: they must keep equal batch counts (a process with
+            # one batch more would wait for the others at its gradient sync), so at most one sample each is left out
+            sampler.skip = min(-(-taken // sampler.num_replicas), sampler.num_samples)
+            self._taken = -(-sampler.skip // self.batch_size)
         if self.generator is not None and isinstance(sampler, EpochShuffleSampler):
             self.generator.manual_seed(sampler.seed * 100_003 + self._epoch)
         for batch in super().__iter__():
@@ -76,9 +85,13 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": getattr(self, "_epoch", 0), "batches": getattr(self, "_taken", 0)}
+        world = self.sampler.num_replicas if isinstance(self.sampler, EpochShuffleSampler) else 1
+        return {"epoch": getattr(self, "_epoch", 0), "batches": getattr(self, "_taken", 0),
+                "batch_size": int(self.batch_size or 0), "world_size": int(world)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         # applied only if the fit goes on with that epoch; when the checkpoint closed it (its last batch), Lightning
-        # starts the next epoch, from its beginning
-        self._resume = (int(state.get("epoch", 0)), int(state.get("batches", 0)))
+        # starts the next epoch, from its beginning (checkpoints written before the batch size and process count
+        # were stored count in this loader's own)
+        self._resume = (int(state.get("epoch", 0)), int(state.get("batches", 0)),
+                        int(state.get("batch_size", 0)) or None, int(state.get("world_size", 0)) or None)

@@ -112,13 +112,16 @@ def fit_strategy(name: str, case: dict, kind: str, devices: int, batch_size: int
     else:
         trainer.fit(module, datamodule=_digits(module, batch_size))
     out: dict[str, Any] = {
-        "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+        # validation metrics, and the training epoch's loss and accuracy (summed over the processes' batches)
+        "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()
+                    if k.startswith("val/") or k in ("train/loss", "train/acc")},
         "params": {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad},
         "find_unused_parameters": getattr(trainer.strategy, "_ddp_kwargs", {}).get("find_unused_parameters"),
     }
     if checkpoint_dir is not None:
         AtomicCheckpointIO.save_checkpoint = save  # type: ignore[method-assign]
         out["checkpoint_writes"] = saves["count"]
+        out["last_checkpoint"] = str(checkpoint_dir / "last.ckpt")
     if isinstance(module.adaptation, LinearProbe):
         probe = module.adaptation
         out["cache"] = {"size": len(probe._cache), "hits": probe.cache_hits, "misses": probe.cache_misses}

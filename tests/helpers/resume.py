@@ -39,6 +39,9 @@ class DumpMetrics(Callback):
         if not trainer.is_global_zero:
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        monitors = [cb for cb in trainer.callbacks if type(cb).__name__ == "EfficiencyMonitor"]  # type: ignore[attr-defined]
         out = {"metrics": metrics, "global_step": trainer.global_step,
-               "loggers": {type(lg).__name__: str(lg.version) for lg in trainer.loggers}}
+               "loggers": {type(lg).__name__: str(lg.version) for lg in trainer.loggers},
+               "efficiency": dict(monitors[0].metrics) if monitors else {},
+               "train_count": int(getattr(pl_module, "_train_count", -1))}
         Path(self.path).write_text(json.dumps(out))
