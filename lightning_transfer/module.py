@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any, Literal
 
 import torch
+from lightning.fabric.utilities.warnings import PossibleUserWarning
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
@@ -202,7 +204,19 @@ class TransferModule(LightningModule):
         self.adaptation.set_train_mode(self.backbone, self.head, mode)
         return self
 
+    def on_fit_start(self) -> None:
+        # Lightning warns, just before on_train_start, about every module in eval mode ("may lead to unexpected
+        # behavior"): a frozen backbone is in eval mode by design (set_train_mode), so that one check is silenced,
+        # from here to on_train_start
+        self.__dict__["_quiet_eval_mode"] = quiet = warnings.catch_warnings()
+        quiet.__enter__()
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training",
+                                category=PossibleUserWarning)
+
     def on_train_start(self) -> None:
+        quiet = self.__dict__.pop("_quiet_eval_mode", None)
+        if quiet is not None:
+            quiet.__exit__(None, None, None)
         # Lightning (>= 2.2) keeps the modes modules are in and never calls train() at fit start, so without this
         # a frozen backbone would run in train mode: dropout on, BatchNorm statistics drifting. (Validation saves
         # and restores each module's mode, so once per fit, resumed ones included, is enough.)

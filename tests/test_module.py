@@ -467,3 +467,14 @@ def test_bad_module_settings_fail_at_construction(kwargs, message):
 def test_backbone_lr_scale_must_be_finite_and_non_negative(value):
     with pytest.raises(ValueError, match=f"backbone_lr_scale must be a finite number >= 0, got {value}"):
         FullFinetune(backbone_lr_scale=value)
+
+
+def test_lightnings_eval_mode_warning_is_silenced_for_the_frozen_backbone_and_only_there(recwarn):
+    import warnings
+
+    before = list(warnings.filters)
+    module = TransferModule(tiny_vit(), LinearProbe(), num_classes=5)
+    module.backbone.eval()  # frozen by design: Lightning's check would call this "unexpected behavior"
+    _trainer(max_steps=1, limit_val_batches=0).fit(module, datamodule=Digits(task="target", num_shots=2, batch_size=5))
+    assert not [w for w in recwarn if "eval mode at the start of training" in str(w.message)]
+    assert warnings.filters == before  # nothing left behind for other modules
