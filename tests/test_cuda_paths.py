@@ -3,7 +3,8 @@
 - the text backbone checks token ids against its vocabulary on a device's first batch only (one sync), and its
   output there matches the CPU's;
 - a ``bf16-true`` checkpoint reloads onto a fresh fp32 backbone (the fingerprint is compared after the cast);
-- a test-time method hands the model back after a CUDA test, so a second test starts from the source weights.
+- a test-time method hands the model back after a CUDA test, so a second test starts from the source weights;
+- a fit resumed inside an epoch (the running training sums travel in the checkpoint) ends as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -68,3 +69,19 @@ def test_a_second_cuda_test_starts_from_the_source_model():
     assert norms and all(m.track_running_stats for m in norms)
     second = _trainer(inference_mode=False).test(module, dataloaders=DataLoader(target, batch_size=10), verbose=False)
     assert second[0]["test/acc"] == first[0]["test/acc"]
+
+
+def test_a_mid_epoch_resume_on_the_gpu_ends_as_an_uninterrupted_fit(tmp_path, monkeypatch):
+    from tests.test_resume import _Crashed, _lora_fit, _trainable
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")
+    whole = _lora_fit(tmp_path / "a", accelerator="cuda")
+    with pytest.raises(_Crashed):
+        _lora_fit(tmp_path / "b", crash_at=7, accelerator="cuda")  # last.ckpt after step 6, inside epoch 2
+    resumed = _lora_fit(tmp_path / "b", ckpt_path=str(tmp_path / "b" / "last.ckpt"), accelerator="cuda")
+    got = _trainable(resumed)
+    for name, value in _trainable(whole).items():
+        torch.testing.assert_close(got[name], value, atol=1e-6, rtol=0, msg=name)
+    for name in ("train/loss", "train/acc"):
+        assert float(resumed.trainer.callback_metrics[name]) == pytest.approx(
+            float(whole.trainer.callback_metrics[name]), abs=1e-5), name

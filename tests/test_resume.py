@@ -104,14 +104,15 @@ class _Crash(Callback):
             raise _Crashed
 
 
-def _lora_fit(folder: Path, crash_at: int | None = None, ckpt_path: str | None = None) -> TransferModule:
+def _lora_fit(folder: Path, crash_at: int | None = None, ckpt_path: str | None = None,
+              accelerator: str = "cpu") -> TransferModule:
     seed_everything(0, verbose=False)
     module = TransferModule(tiny_vit(), STRATEGIES.get("lora")(r=4, dropout=0.1), num_classes=5)
     dm = Digits(task="target", num_shots=4, batch_size=5)  # 20 images: 4 steps per epoch
     callbacks: list[Callback] = [ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=0, every_n_train_steps=3)]
     if crash_at is not None:
         callbacks.append(_Crash(crash_at))
-    trainer = Trainer(accelerator="cpu", max_epochs=2, logger=False, callbacks=callbacks, deterministic=True,
+    trainer = Trainer(accelerator=accelerator, max_epochs=2, logger=False, callbacks=callbacks, deterministic=True,
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     return module
