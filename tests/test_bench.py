@@ -236,3 +236,23 @@ def test_inference_timing_respects_an_integer_test_batch_limit():
     assert _test_batch_budget(SimpleNamespace(limit_test_batches=1)) == 2  # one warm-up batch + one timed
     assert _test_batch_budget(SimpleNamespace(limit_test_batches=1.0)) == 20  # a fraction: the default
     assert _test_batch_budget(SimpleNamespace(limit_test_batches=500)) == 20
+
+
+def test_pareto_labels_of_crowded_points_do_not_overlap():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lightning_transfer.bench import place_labels
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    crowded = [(5.0 + 0.1 * i, 40.0 + 0.2 * i, f"strategy_{i}") for i in range(6)]  # within one label's size
+    ax.scatter([p[0] for p in crowded] + [1.0], [p[1] for p in crowded] + [30.0])
+    ax.set_xscale("log")
+    boxes = place_labels(ax, [*crowded, (1.0, 30.0, "alone")])
+    assert len(boxes) == 7
+    assert not [(i, j) for i in range(7) for j in range(i) if boxes[i].overlaps(boxes[j])]
+    alone = next(t for t in ax.texts if t.get_text() == "alone")
+    assert alone.arrow_patch is None  # a label with room beside its point needs no leader line
+    plt.close(fig)
