@@ -759,6 +759,9 @@ def _bench_strategies(args: argparse.Namespace, out: Path, names: list[str], str
 
 
 def main(argv: list[str]) -> None:
+    # the runner and its workers pass each job's arguments to LightningCLI as `args`, by design: Lightning's warning
+    # that the process's own command line (bench's) is then not parsed would repeat in every row's log
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     if argv and argv[0] == "--worker":
         _worker(argv[1:])
         return
