@@ -690,17 +690,14 @@ def _note_other_rows(out: Path, specs: list[dict[str, Any]], test_time: bool = F
 
 def _check_checkpoint(path: str) -> None:
     """The source checkpoint exists and reads as tensors (memory-mapped: cheap for a large file), before any run."""
-    import torch
+    from lightning_transfer.checkpointing import read_checkpoint
 
     if not Path(path).is_file():
         raise SystemExit(f"bench: --ckpt_path {path!r} does not exist: pass a .ckpt written by fit")
     try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # a truncated zip, a foreign file, pickled objects other than tensors
-        first_line = str(err).splitlines()[0] if str(err) else ""
-        raise SystemExit(f"bench: cannot read --ckpt_path {path!r} ({type(err).__name__}: {first_line}): it is "
-                         "truncated or not a checkpoint written by fit (objects other than tensors are never "
-                         "unpickled here). Nothing has run.") from None
+        read_checkpoint(path, what="--ckpt_path")
+    except ValueError as err:
+        raise SystemExit(f"bench: {err} Nothing has run.") from None
 
 
 def _bench_test_time(args: argparse.Namespace, out: Path, names: list[str]) -> str | None:

@@ -101,3 +101,23 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def unreadable_checkpoint(path: Any, err: BaseException, what: str = "checkpoint") -> ValueError:
+    """The error for a file ``torch.load(weights_only=True)`` cannot read, naming it (as ``what``) and the fix."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return ValueError(f"cannot read {what} {str(path)!r} ({type(err).__name__}: {first}): it is truncated or not a "
+                      "checkpoint written by fit, or it holds objects other than tensors, which are never unpickled "
+                      "here (weights_only=True). Pass a complete checkpoint written by fit.")
+
+
+def read_checkpoint(path: Any, what: str = "checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, memory-mapped where the file allows it (cheap for a large
+    file); a file that cannot be read raises :func:`unreadable_checkpoint`'s ValueError."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # mmap takes only torch's zip format
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001  truncated zip, not a torch file, or objects other than tensors
+        raise unreadable_checkpoint(path, err, what) from err

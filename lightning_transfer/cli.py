@@ -33,7 +33,7 @@ import lightning_transfer  # noqa: F401  (fills the registries)
 from lightning_transfer.callbacks.efficiency import EfficiencyMonitor
 from lightning_transfer.callbacks.predictions import PredictionWriter
 from lightning_transfer.callbacks.progress import ThrottledProgressBar
-from lightning_transfer.checkpointing import PARTIAL_PREFIX
+from lightning_transfer.checkpointing import PARTIAL_PREFIX, unreadable_checkpoint
 from lightning_transfer.datamodules.base import TransferDataModule
 from lightning_transfer.loggers import default_wandb_mode
 from lightning_transfer.module import CHECKPOINT_KEY, CheckpointMismatch, TransferModule
@@ -224,11 +224,7 @@ class TransferCLI(LightningCLI):
                 continue_run(self.config[sub])
             super()._parse_ckpt_path()
         except (OSError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as err:
-            path = self.config[sub].get("ckpt_path")
-            raise ValueError(
-                f"cannot read checkpoint {path!r} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                "): it is truncated or not a checkpoint written by fit, or it holds objects other than tensors, which "
-                "are never unpickled here (weights_only=True). Pass a complete checkpoint written by fit.") from err
+            raise unreadable_checkpoint(self.config[sub].get("ckpt_path"), err) from err
         # the test-time method is chosen when testing: the one given now, or none (never the checkpoint's, which
         # could not be turned off: the source baseline of a model saved with a method would be unmeasurable)
         self.config[sub].model.test_time = before.get("test_time")
@@ -301,7 +297,7 @@ def _check_runnable(subcommand: str | None, model: Any, datamodule: Any) -> None
             f"{type(adaptation).__name__} builds its classifier from class names, but {type(datamodule).__name__} "
             f"has only placeholders ({', '.join(map(repr, names[:3]))}{', ...' if len(names) > 3 else ''}), from "
             "which no prompt means anything: "
-            + getattr(datamodule, "class_names_fix", "pass the real names in order as data.init_args.class_names")
+            + getattr(datamodule, "class_names_fix", TransferDataModule.class_names_fix)
         )
     # a datamodule says what it yields (TransferDataModule.modality); one of the user's own that does not subclass
     # it is not checked

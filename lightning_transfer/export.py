@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
+from lightning_transfer.checkpointing import read_checkpoint
 from lightning_transfer.module import TransferModule
 
 
@@ -16,17 +16,7 @@ def load_module(ckpt_path: str) -> TransferModule:
     path = Path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {ckpt_path!r} does not exist")
-    try:  # read first (memory-mapped where it can be): a file that is no checkpoint is named, not a traceback
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # mmap takes only torch's zip format
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001  truncated zip, not a torch file, or objects other than tensors
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise ValueError(
-            f"cannot read checkpoint {ckpt_path!r} ({type(err).__name__}: {first}): it is truncated or not a "
-            "checkpoint written by fit, or it holds objects other than tensors, which are never unpickled here "
-            "(weights_only=True). Pass a complete checkpoint written by fit") from err
+    checkpoint = read_checkpoint(path)  # a file that is no checkpoint is named, not a traceback
     missing = [k for k in ("state_dict", "hyper_parameters") if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
         raise ValueError(f"{ckpt_path!r} is not a checkpoint written by fit (it has no {' or '.join(missing)}): pass "

@@ -200,6 +200,10 @@ class TextCSV(FileListDataModule):
         tokenizer = self._tokenizer()
         limit = self.max_length or self.data_config().get("max_length")
         encoded = tokenizer([text for text, _ in samples], truncation=limit is not None, max_length=limit)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.collate_fn = pad_token_batch(int(pad))
         return TokenizedTexts(encoded["input_ids"], [y for _, y in samples])
+
+    @property
+    def collate_fn(self) -> Any:  # type: ignore[override]  # an attribute on the base
+        """Pads each batch to its longest text with the tokenizer's padding id."""
+        pad = self._tokenizer().pad_token_id
+        return pad_token_batch(int(pad) if pad is not None else 0)
