@@ -14,12 +14,12 @@ and the same bare-LightningModule comparison, which is Lightning's own per-step 
     python benchmarks/framework_overhead.py --accelerator gpu          # on a GPU (device synchronised per step)
     python benchmarks/framework_overhead.py --cli-defaults --models quickstart
     python benchmarks/framework_overhead.py --accelerator gpu --pairing epoch --epochs 8   # no per-step sync
-    python benchmarks/framework_overhead.py --models quickstart --bypass-closure   # a bound, not the product
+    LIGHTNING_TRANSFER_DIRECT_STEP=0 python benchmarks/framework_overhead.py --models quickstart
+    python benchmarks/framework_overhead.py --models quickstart --ab    # direct step against Lightning's, one fit
 
-``--bypass-closure`` is a diagnostic: it swaps Lightning's automatic optimization (its closure, LightningOptimizer,
-strategy and precision-plugin layers, and the zero_grad/backward/optimizer-step hooks) for the least that still trains
-and keeps Lightning's step counters: training_step, backward, optimizer.step. No run of the product does this; it
-bounds what replacing that part of Lightning's loop could gain.
+TransferModule runs each optimization step through ``lightning_transfer.direct_step`` (Lightning's automatic
+optimization, same hooks and effects, fewer layers); ``LIGHTNING_TRANSFER_DIRECT_STEP=0`` keeps Lightning's own loop,
+to measure what that saves; ``--ab`` alternates the two step by step within each fit, the steadier comparison.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import os
 import statistics
 import tempfile
 import time
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loops.optimization.automatic import _AutomaticOptimization
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_transfer import direct_step
 from lightning_transfer.backbones.timm import TimmBackbone
 from lightning_transfer.callbacks import EfficiencyMonitor, ThrottledProgressBar
 from lightning_transfer.module import TransferModule
@@ -145,27 +147,33 @@ class _InterleaveEpochs(_Interleave):
             self.plain_steps.append(time.perf_counter() - start)
 
 
-class _BypassedClosure(_AutomaticOptimization):
-    """For ``--bypass-closure`` only: training_step, backward and optimizer.step called directly, with Lightning's step
-    and zero_grad counters kept (``global_step`` reads them) and ``on_before_backward`` still sent to the callbacks
-    (EfficiencyMonitor measures the first step with it). One optimizer, no accumulation, no clipping, 32-bit."""
+class _AlternateLoops(_Interleave):
+    """For ``--ab``: Lightning's steps alternate between TransferModule's direct optimization step (even global steps)
+    and Lightning's own automatic optimization (odd ones), in one fit, each paired with its plain step as usual. The
+    two loop objects share one progress counter, so the fit counts its steps as either would."""
 
-    def run(self, optimizer, batch_idx, kwargs):
-        trainer, module = self.trainer, self.trainer.lightning_module
-        progress = self.optim_progress.optimizer
-        progress.step.increment_ready()
-        module._current_fx_name = "training_step"
-        loss = module.training_step(*kwargs.values())
-        progress.zero_grad.increment_ready()
-        progress.zero_grad.increment_started()
-        module.optimizer_zero_grad(trainer.current_epoch, batch_idx, optimizer)
-        progress.zero_grad.increment_completed()
-        for callback in trainer.callbacks:
-            callback.on_before_backward(trainer, module, loss)
-        loss.backward()
-        optimizer.step()
-        progress.step.increment_completed()
-        return {"loss": loss.detach()}
+    def __init__(self, loader: DataLoader, device: torch.device | None = None) -> None:
+        super().__init__(loader, device)
+        self.kinds: list[str] = []  # the loop each recorded pair's Lightning step ran through
+        self._kind = ""
+        self._loops: dict[str, _AutomaticOptimization] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        recorded = len(self.lightning_steps)
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        if len(self.lightning_steps) > recorded:
+            self.kinds.append(self._kind)
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if not self._loops:
+            direct = epoch_loop.automatic_optimization
+            if not isinstance(direct, direct_step.DirectOptimization):
+                raise RuntimeError(f"--ab: the fit's step is {type(direct).__name__}, not the direct one "
+                                   f"(is {direct_step.ENV_SWITCH}=0 set?)")
+            lightning = _AutomaticOptimization(trainer)
+            lightning.optim_progress = direct.optim_progress
+            self._loops = {"direct": direct, "lightning": lightning}
+        self._kind = "direct" if trainer.global_step % 2 == 0 else "lightning"
+        epoch_loop.automatic_optimization = self._loops[self._kind]
 
 
 def _cuda_if(accelerator: str) -> torch.device | None:
@@ -173,8 +181,9 @@ def _cuda_if(accelerator: str) -> torch.device | None:
 
 
 def measure(model: str, strategy_cls: type, epochs: int, accelerator: str = "cpu",
-            cli_defaults: bool = False, pairing: str = "step", bypass_closure: bool = False) -> dict[str, float]:
-    """Median step milliseconds of both sides and the median and quartiles of the per-pair ratios (see _summary).
+            cli_defaults: bool = False, pairing: str = "step", ab: bool = False) -> dict[str, Any]:
+    """Median step milliseconds of both sides and the median and quartiles of the per-pair ratios (see _summary);
+    with ``ab``, one such summary for each loop ({"direct": ..., "lightning": ...}).
 
     ``cli_defaults`` adds what a ``fit`` with ``configs/defaults.yaml`` also runs every step: the CLI's progress bar,
     a ModelCheckpoint callback and a logger written every 5 steps (a CSV logger here, where the CLI has W&B)."""
@@ -183,7 +192,8 @@ def measure(model: str, strategy_cls: type, epochs: int, accelerator: str = "cpu
     module = TransferModule(TimmBackbone(**spec), strategy_cls(), num_classes=10,
                             optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
     loader = synthetic_loader(module.backbone, batch, batches)
-    timer = (_Interleave if pairing == "step" else _InterleaveEpochs)(loader, _cuda_if(accelerator))
+    timer = (_AlternateLoops if ab else _Interleave if pairing == "step" else _InterleaveEpochs)(
+        loader, _cuda_if(accelerator))
     # the progress bar writes to stdout: to the null device here, so the table stays readable
     with tempfile.TemporaryDirectory() as out, open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
         extra: dict = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
@@ -194,19 +204,22 @@ def measure(model: str, strategy_cls: type, epochs: int, accelerator: str = "cpu
                                    ModelCheckpoint(dirpath=out, save_last=True, save_top_k=0), timer]}
         trainer = Trainer(max_epochs=epochs + 1, enable_model_summary=False, accelerator=accelerator, devices=1,
                           **extra)
-        if bypass_closure:
-            epoch_loop = trainer.fit_loop.epoch_loop
-            bypass = _BypassedClosure(trainer)
-            bypass.optim_progress = epoch_loop.automatic_optimization.optim_progress
-            epoch_loop.automatic_optimization = bypass
         trainer.fit(module, train_dataloaders=loader)
-        if bypass_closure and trainer.global_step != (epochs + 1) * batches:  # the counters it has to keep
-            raise RuntimeError(f"--bypass-closure: {trainer.global_step} optimizer steps counted, expected "
-                               f"{(epochs + 1) * batches}")
+    if isinstance(timer, _AlternateLoops):  # one summary per loop, over its own steps
+        return {kind: _summary(_Steps([lt for lt, k in zip(timer.lightning_steps, timer.kinds) if k == kind],
+                                      [p for p, k in zip(timer.plain_steps, timer.kinds) if k == kind]))
+                for kind in ("direct", "lightning")}
     return _summary(timer)
 
 
-def _summary(timer: _Interleave) -> dict[str, float]:
+class _Steps:
+    """Step times, as _summary reads them from a timer."""
+
+    def __init__(self, lightning_steps: list[float], plain_steps: list[float]) -> None:
+        self.lightning_steps, self.plain_steps = lightning_steps, plain_steps
+
+
+def _summary(timer: _Interleave | _Steps) -> dict[str, float]:
     ratios = [p / lt for lt, p in zip(timer.lightning_steps, timer.plain_steps)]
     q1, ratio, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3  # one pair: no spread
     added = [lt - p for lt, p in zip(timer.lightning_steps, timer.plain_steps)]
@@ -252,44 +265,59 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated, of: {', '.join(MODELS)}")
+    parser.add_argument("--strategies", default="FullFinetune,LinearProbe",
+                        help="comma-separated, of: FullFinetune, LinearProbe")
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--pairing", default="step", choices=["step", "epoch"],
                         help="pair single steps (default) or whole epochs; the times printed are then per epoch")
     parser.add_argument("--cli-defaults", action="store_true",
                         help="add the CLI's per-step extras: progress bar, ModelCheckpoint, a logger every 5 steps")
-    parser.add_argument("--bypass-closure", action="store_true",
-                        help="diagnostic, not the product: skip Lightning's optimization closure and its hooks "
-                             "(training_step, backward, optimizer.step called directly), to bound what that could gain")
+    parser.add_argument("--ab", action="store_true",
+                        help="alternate TransferModule's direct optimization step and Lightning's own loop step by "
+                             "step in each fit, and print each one's ratio: what the direct step saves")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's; 1 is steadier on a shared machine)")
     args = parser.parse_args()
+    if args.ab and (args.pairing != "step" or not direct_step.enabled()):
+        parser.error(f"--ab pairs single steps with the direct step on: drop --pairing epoch and "
+                     f"{direct_step.ENV_SWITCH}=0")
     if args.epochs < 1:
         parser.error(f"--epochs {args.epochs}: at least 1 timed epoch is needed (epoch 0 only warms up)")
     unknown = set(args.models.split(",")) - set(MODELS)
     if unknown:
         parser.error(f"--models: unknown {sorted(unknown)}; choose from {', '.join(MODELS)}")
+    strategies = {cls.__name__: cls for cls in (FullFinetune, LinearProbe)}
+    unknown = set(args.strategies.split(",")) - set(strategies)
+    if unknown:
+        parser.error(f"--strategies: unknown {sorted(unknown)}; choose from {', '.join(strategies)}")
     if args.accelerator == "gpu" and not torch.cuda.is_available():
         parser.error("--accelerator gpu: torch sees no CUDA device here")
     if args.threads:
         torch.set_num_threads(args.threads)
     where = torch.cuda.get_device_name() if args.accelerator == "gpu" else f"{torch.get_num_threads()} threads"
     unit = args.pairing
+    step = ("direct (lightning_transfer.direct_step)" if direct_step.enabled()
+            else f"Lightning's automatic optimization ({direct_step.ENV_SWITCH}=0)")
     print(f"torch {torch.__version__}, {where}, {args.epochs} timed epochs each; every "
           f"Lightning {unit} is paired with a plain {unit} of the same module run right after it"
           f"{'' if unit == 'step' else ' (ms columns are per epoch)'}.\n"
           f"ratio = median over the pairs of plain {unit} time / Lightning {unit} time (Lightning's throughput as a "
           "fraction of the plain loop's; target >= 0.95), [quartiles]; total = summed plain time / summed Lightning "
-          "time; added = median per-pair difference", flush=True)
-    print(f"{'model':<16} {'strategy':<14} {'pairs':>5} {'Lightning ms':>12} {'plain ms':>9} {'ratio':>6} "
+          "time; added = median per-pair difference.\n"
+          f"TransferModule's optimization step: {step}", flush=True)
+    width = 24 if args.ab else 14
+    print(f"{'model':<16} {'strategy':<{width}} {'pairs':>5} {'Lightning ms':>12} {'plain ms':>9} {'ratio':>6} "
           f"{'[q1, q3]':>15} {'total':>6} {'ms added':>9}")
     for model in args.models.split(","):
-        for strategy_cls in (FullFinetune, LinearProbe):
-            r = measure(model, strategy_cls, args.epochs, args.accelerator, args.cli_defaults, args.pairing,
-                        args.bypass_closure)
-            quartiles = f"[{r['q1']:.3f}, {r['q3']:.3f}]"
-            print(f"{model:<16} {strategy_cls.__name__:<14} {r['pairs']:>5} {r['lightning_ms']:>12.2f} "
-                  f"{r['plain_ms']:>9.2f} {r['ratio']:>6.3f} {quartiles:>15} {r['total_ratio']:>6.3f} "
-                  f"{r['added_ms']:>9.2f}", flush=True)
+        for strategy_cls in (strategies[name] for name in args.strategies.split(",")):
+            results = measure(model, strategy_cls, args.epochs, args.accelerator, args.cli_defaults, args.pairing,
+                              args.ab)
+            for label, r in (results.items() if args.ab else [("", results)]):
+                quartiles = f"[{r['q1']:.3f}, {r['q3']:.3f}]"
+                name = f"{strategy_cls.__name__} {label}".strip()
+                print(f"{model:<16} {name:<{width}} {r['pairs']:>5} {r['lightning_ms']:>12.2f} "
+                      f"{r['plain_ms']:>9.2f} {r['ratio']:>6.3f} {quartiles:>15} {r['total_ratio']:>6.3f} "
+                      f"{r['added_ms']:>9.2f}", flush=True)
     floor = lightning_floor(accelerator=args.accelerator)
     print(f"Lightning's own floor (a bare LightningModule, one linear layer, batch 64): {floor['lightning_ms']:.2f} "
           f"ms/step against {floor['plain_ms']:.2f} ms/step in a plain loop, {floor['added_ms']:.2f} ms/step added")

@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
-from lightning_transfer import distributed
+from lightning_transfer import direct_step, distributed
 from lightning_transfer.backbones.base import Backbone, tensors_digest
 from lightning_transfer.checkpointing import capture_rng_states, restore_rng_states, use_atomic_checkpoint_io
 from lightning_transfer.cuda_check import skip_nvml_check_without_gpus
@@ -35,6 +35,10 @@ class CheckpointMismatch(ValueError):
 
 
 _INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
+# training steps whose loss and logits wait to be summed (TransferModule._fold_train_sums): at most this many, and at
+# most this many bytes of logits (1000 classes at batch 256 fold every 4 steps)
+_FOLD_STEPS = 64
+_FOLD_BYTES = 4 * 2**20
 
 
 class _MeanCrossEntropy(Metric):
@@ -100,11 +104,13 @@ class TransferModule(LightningModule):
     _train_loss_sum: Tensor
     _train_correct: Tensor
     _train_count: int
+    _pending_steps: list[tuple[Tensor, Tensor | None, Tensor, int]]
+    _pending_bytes: int
     _grads_freed = False  # on_train_batch_start freed this step's gradients (see optimizer_zero_grad)
     # Lightning sets _current_fx_name around every hook call, about 45 times per training step, and training_step
     # counts samples in _train_count: plain (never tensor or module) attributes, for which nn.Module.__setattr__'s
     # parameter/buffer/module bookkeeping costs ~6 us each, ~0.3 ms a step.
-    _PLAIN_ATTRIBUTES = frozenset({"_current_fx_name", "_train_count", "_grads_freed"})
+    _PLAIN_ATTRIBUTES = frozenset({"_current_fx_name", "_train_count", "_pending_bytes", "_grads_freed"})
 
     def __init__(
         self,
@@ -187,6 +193,7 @@ class TransferModule(LightningModule):
         distributed.find_unused_parameters_from_flags(self.trainer, self.adaptation)
         use_atomic_checkpoint_io(self.trainer)
         use_null_profiler(self.trainer)  # Lightning's default profiler costs ~0.4 ms a step and profiles nothing
+        direct_step.install(self.trainer)  # Lightning's optimization step without its layers, where it is the same
         skip_nvml_check_without_gpus()  # without a GPU, Lightning's NVML flag cost a quickstart step ~0.56 ms
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -232,6 +239,13 @@ class TransferModule(LightningModule):
             self._train_correct.fill_(correct)
             self._train_count = count
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # a batch of plain tensors already on the device (every batch of a CPU run) has nothing to move: Lightning's
+        # generic walk over the collection would rebuild the same list, one .to() per tensor, on every step
+        if type(batch) in (list, tuple) and all(type(t) is Tensor and t.device == device for t in batch):
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Lightning zeroes gradients inside its closure, after training_step: the previous step's gradients (one
         # tensor per trainable weight) stay allocated through the whole forward pass, on top of its activations.
@@ -257,10 +271,15 @@ class TransferModule(LightningModule):
         logits = self(batch[0])
         loss = self.adaptation.loss(logits, batch)
         targets = batch[1]
-        self._train_loss_sum.add_(loss.detach(), alpha=len(targets))
-        if targets.ndim == 1:  # hard labels (soft ones, e.g. mixed samples, have no "correct")
-            self._train_correct.add_(logits.detach().argmax(-1).eq_(targets).sum())
-        self._train_count += len(targets)
+        count = len(targets)
+        # the step's loss and logits are kept (detached views) and summed every few steps (_fold_train_sums): six
+        # tensor ops a step cost ~0.1 ms on a 2-core CPU right after the forward pass, as a batch of them far less
+        hard = targets.ndim == 1  # hard labels (soft ones, e.g. mixed samples, have no "correct")
+        self._pending_steps.append((loss.detach(), logits.detach() if hard else None, targets, count))
+        self._train_count += count
+        self._pending_bytes += logits.nelement() * logits.element_size() if hard else 0
+        if len(self._pending_steps) >= _FOLD_STEPS or self._pending_bytes >= _FOLD_BYTES:
+            self._fold_train_sums()
         connector = getattr(self._trainer, "_logger_connector", None)
         if connector is None or connector.should_update_logs:  # only the steps the loggers record
             # not prog_bar: Lightning would then convert the last logged value with .item() on every later step
@@ -270,15 +289,35 @@ class TransferModule(LightningModule):
 
     def _reset_train_sums(self) -> None:
         # Training loss and accuracy are running sums, not torchmetrics: a metric collection update plus self.log()
-        # cost milliseconds a step, a visible share of a small model's step; these sums cost three in-place tensor
-        # ops (~25 us). They are plain attributes, not buffers, so a precision plugin that casts the module
-        # (bf16-true) cannot round them: the loss sum stays float32 and the correct count an exact int64.
+        # cost milliseconds a step, a visible share of a small model's step. They are plain attributes, not buffers,
+        # so a precision plugin that casts the module (bf16-true) cannot round them: the loss sum stays float32 and
+        # the correct count an exact int64.
         self.__dict__["_train_loss_sum"] = torch.zeros((), device=self.device)
         self.__dict__["_train_correct"] = torch.zeros((), dtype=torch.long, device=self.device)
+        self.__dict__["_pending_steps"] = []  # (loss, logits or None, targets, count) of steps not yet summed
+        self._pending_bytes = 0
         self._train_count = 0
+
+    def _fold_train_sums(self) -> None:
+        """Add the pending steps to the running sums: the loss step by step, in order (the same float32 sum as one
+        add per step), and the correct predictions of all of them at once (an exact integer count)."""
+        pending = self._pending_steps
+        if not pending:
+            return
+        hard_logits, hard_targets = [], []
+        for loss, logits, targets, count in pending:
+            self._train_loss_sum.add_(loss, alpha=count)
+            if logits is not None:
+                hard_logits.append(logits)
+                hard_targets.append(targets)
+        if hard_logits:
+            self._train_correct.add_(torch.cat(hard_logits).argmax(-1).eq_(torch.cat(hard_targets)).sum())
+        pending.clear()
+        self._pending_bytes = 0
 
     def running_train_loss(self) -> float | None:
         """Mean training loss of the epoch so far (None before its first batch). Reads the device: call it rarely."""
+        self._fold_train_sums()
         return float(self._train_loss_sum) / self._train_count if self._train_count else None
 
     def on_train_epoch_start(self) -> None:
@@ -286,6 +325,7 @@ class TransferModule(LightningModule):
         self._grads_freed = False  # a step that skipped Lightning's zero_grad (e.g. skipped backward) leaves it set
 
     def on_train_epoch_end(self) -> None:
+        self._fold_train_sums()
         local = torch.stack([self._train_loss_sum.float(), self._train_correct.float(),
                              self._train_loss_sum.new_tensor(float(self._train_count))])
         sums = self.trainer.strategy.reduce(local, reduce_op="sum")  # every process's batches
@@ -432,11 +472,14 @@ class TransferModule(LightningModule):
             "rng_states": distributed.gather_objects(capture_rng_states()),
             # every process's running training sums of the epoch in progress (loss sum, correct, count), so that a fit
             # resumed inside the epoch reports train/loss and train/acc over all of its batches, not only the rest
-            "train_sums": distributed.gather_objects(
-                [float(self._train_loss_sum), int(self._train_correct), int(self._train_count)]),
+            "train_sums": distributed.gather_objects(self._folded_train_sums()),
             # the runs this checkpoint belongs to (the W&B run id), so that resuming continues the same run
             "loggers": {type(lg).__name__: str(lg.version) for lg in self._loggers() if lg.version is not None},
         }
+
+    def _folded_train_sums(self) -> list[float | int]:
+        self._fold_train_sums()
+        return [float(self._train_loss_sum), int(self._train_correct), int(self._train_count)]
 
     def _loggers(self) -> list[Any]:
         return list(self._trainer.loggers) if self._trainer is not None else []

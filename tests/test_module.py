@@ -156,6 +156,38 @@ def test_training_sums_survive_a_precision_plugin_that_casts_the_module():
     assert float(trainer.logged_metrics["train/acc"]) == pytest.approx(int(module._train_correct) / 300)
 
 
+class _PerStepSums(TransferModule):
+    """Also sums each step's loss and correct predictions at once, as the module did before it deferred them."""
+
+    def forward(self, inputs):
+        self.__dict__["_last_logits"] = logits = super().forward(inputs)
+        return logits
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        reference = self.__dict__.setdefault("_reference", [torch.zeros(()), 0, 0])
+        reference[0].add_(loss.detach(), alpha=len(batch[1]))
+        reference[1] += int((self._last_logits.argmax(-1) == batch[1]).sum())
+        reference[2] += len(batch[1])
+        return loss
+
+
+@pytest.mark.parametrize("fold_steps, fold_bytes", [(3, 2**30), (64, 1)])
+def test_training_sums_folded_every_few_steps_equal_sums_taken_every_step(monkeypatch, fold_steps, fold_bytes):
+    import lightning_transfer.module as module_file
+
+    monkeypatch.setattr(module_file, "_FOLD_STEPS", fold_steps)  # fold by step count, or after every step's logits
+    monkeypatch.setattr(module_file, "_FOLD_BYTES", fold_bytes)
+    module = _PerStepSums(tiny_vit(), FullFinetune(), num_classes=5)
+    trainer = _trainer(max_epochs=1, limit_val_batches=0)
+    trainer.fit(module, datamodule=Digits(task="target", num_shots=13, batch_size=8))  # 65 images: 8 steps, last of 1
+    loss_sum, correct, count = module._reference
+    assert count == module._train_count == 65 and not module._pending_steps
+    assert float(trainer.logged_metrics["train/loss"]) == float(loss_sum / count)  # the same float32 sum, same order
+    assert float(trainer.logged_metrics["train/acc"]) == pytest.approx(correct / count, abs=1e-7)
+    assert 0 < correct < count
+
+
 def test_optimizer_groups_layer_decay_and_no_decay():
     module = TransferModule(tiny_vit(), FullFinetune(layer_decay=0.5, backbone_lr_scale=0.1), num_classes=5,
                             optimizer=lambda params: torch.optim.AdamW(params, lr=1.0, weight_decay=0.05))
