@@ -206,26 +206,19 @@ def measure(model: str, strategy_cls: type, epochs: int, accelerator: str = "cpu
                           **extra)
         trainer.fit(module, train_dataloaders=loader)
     if isinstance(timer, _AlternateLoops):  # one summary per loop, over its own steps
-        return {kind: _summary(_Steps([lt for lt, k in zip(timer.lightning_steps, timer.kinds) if k == kind],
-                                      [p for p, k in zip(timer.plain_steps, timer.kinds) if k == kind]))
+        return {kind: _summary([lt for lt, k in zip(timer.lightning_steps, timer.kinds) if k == kind],
+                               [p for p, k in zip(timer.plain_steps, timer.kinds) if k == kind])
                 for kind in ("direct", "lightning")}
-    return _summary(timer)
+    return _summary(timer.lightning_steps, timer.plain_steps)
 
 
-class _Steps:
-    """Step times, as _summary reads them from a timer."""
-
-    def __init__(self, lightning_steps: list[float], plain_steps: list[float]) -> None:
-        self.lightning_steps, self.plain_steps = lightning_steps, plain_steps
-
-
-def _summary(timer: _Interleave | _Steps) -> dict[str, float]:
-    ratios = [p / lt for lt, p in zip(timer.lightning_steps, timer.plain_steps)]
+def _summary(lightning_steps: list[float], plain_steps: list[float]) -> dict[str, float]:
+    ratios = [p / lt for lt, p in zip(lightning_steps, plain_steps)]
     q1, ratio, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3  # one pair: no spread
-    added = [lt - p for lt, p in zip(timer.lightning_steps, timer.plain_steps)]
-    return {"lightning_ms": 1e3 * statistics.median(timer.lightning_steps),
-            "plain_ms": 1e3 * statistics.median(timer.plain_steps), "ratio": ratio, "q1": q1, "q3": q3,
-            "total_ratio": sum(timer.plain_steps) / sum(timer.lightning_steps),
+    added = [lt - p for lt, p in zip(lightning_steps, plain_steps)]
+    return {"lightning_ms": 1e3 * statistics.median(lightning_steps),
+            "plain_ms": 1e3 * statistics.median(plain_steps), "ratio": ratio, "q1": q1, "q3": q3,
+            "total_ratio": sum(plain_steps) / sum(lightning_steps),
             "added_ms": 1e3 * statistics.median(added), "pairs": len(ratios)}
 
 
@@ -258,7 +251,7 @@ def lightning_floor(steps: int = 300, epochs: int = 3, accelerator: str = "cpu")
                       enable_model_summary=False, callbacks=[timer], accelerator=accelerator, devices=1,
                       log_every_n_steps=50)
     trainer.fit(model, train_dataloaders=loader)
-    return _summary(timer)
+    return _summary(timer.lightning_steps, timer.plain_steps)
 
 
 def main() -> None:

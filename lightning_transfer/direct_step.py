@@ -219,5 +219,5 @@ def install(trainer: Trainer) -> None:
     if type(loop) is not _AutomaticOptimization or not enabled():
         return
     direct = DirectOptimization(trainer)
-    direct.__dict__.update({k: v for k, v in vars(loop).items() if k not in ("_plan_key", "_cached_plan")})
+    direct.__dict__.update(vars(loop))  # its progress counters (checkpointed under the same name) and loop state
     epoch_loop.automatic_optimization = direct
