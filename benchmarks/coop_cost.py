@@ -53,7 +53,7 @@ def build(size: str) -> HFCLIPBackbone:
 
 
 def checkpoint_bytes(module: TransferModule) -> int:
-    kept, _ = module.split_state_dict(module.state_dict())  # what on_save_checkpoint keeps
+    kept, _ = module.checkpoint_format.split(module, module.state_dict())  # what on_save_checkpoint keeps
     buffer = io.BytesIO()
     torch.save(kept, buffer)
     return buffer.tell()

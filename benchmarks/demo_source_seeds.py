@@ -16,7 +16,9 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from lightning_transfer.cli import TransferCLI, main
+from lightning_transfer.__main__ import main
+
+from lightning_transfer.cli import TransferCLI
 
 SOURCE, TARGET = "configs/quickstart_source.yaml", "configs/quickstart.yaml"
 

@@ -45,7 +45,8 @@ def source_backbone(path: str | None) -> str:
     found = sorted(REPO.glob("runs/quickstart/*/source_backbone/backbone.safetensors"))
     if found:
         return str(found[-1])
-    from lightning_transfer.cli import TransferCLI, main
+    from lightning_transfer.__main__ import main
+    from lightning_transfer.cli import TransferCLI
 
     out = REPO / "runs/quickstart" / time.strftime("%Y%m%d-%H%M%S")
     cli = TransferCLI(args=["fit", "--config", str(REPO / "configs/quickstart_source.yaml"), "--trainer.logger=false"])

@@ -9,6 +9,7 @@ hyperparameters and reload through the same code path.
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 from typing import Any
 
@@ -33,6 +34,56 @@ def to_config(value: Any) -> Any:
     )
 
 
+def _recorded_arguments(signature: inspect.Signature, arguments: dict[str, Any], owner: str) -> dict[str, Any]:
+    """The bound constructor arguments (``self`` left out), with ``**kwargs`` spread into them: a subclass that
+    forwards ``lr=0.01`` to its parent through ``**kwargs`` must reload with ``lr=0.01``, not the parent's default."""
+    recorded: dict[str, Any] = {}
+    for name, value in list(arguments.items())[1:]:
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            recorded.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise TypeError(f"{owner} was given {len(value)} extra positional argument(s) {value!r} for *{name}: "
+                                "pass every option by keyword, so that it is recorded and reloads")
+        else:
+            recorded[name] = value
+    return recorded
+
+
+def build_component(value: Any, base: type) -> Any:
+    """``value`` itself, or the object a ``{"class_path": ..., "init_args": {...}}`` config describes.
+
+    Checkpoints record components in that shape (:meth:`RecordsInitArgs.init_config`); ``load_from_checkpoint``
+    passes them back to the constructor. The class must be a subclass of ``base``: a config read from a file never
+    makes this call anything else. Nested component configs in ``init_args`` are built the same way.
+    """
+    if not isinstance(value, dict) or "class_path" not in value:
+        return value
+    cls = _import_class(str(value["class_path"]))
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise TypeError(f"class_path {value['class_path']!r} is not a {base.__name__}: a checkpoint or config names "
+                        f"its components by their class paths; pass one of a {base.__name__} subclass")
+    init_args = {k: build_component(v, RecordsInitArgs) for k, v in (value.get("init_args") or {}).items()}
+    return cls(**init_args)
+
+
+def _import_class(path: str) -> Any:
+    module_name, _, name = path.rpartition(".")
+    if not module_name:  # a short class name: the registries know every shipped component
+        from lightning_transfer import registry
+
+        for reg in (registry.BACKBONES, registry.STRATEGIES, registry.TEST_TIME, registry.HEADS):
+            found = reg.find(name)
+            if found is not None:
+                return found
+        raise TypeError(f"unknown component {path!r}: give its full class path (package.module.Class)")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as err:
+        raise TypeError(f"cannot import {path!r} ({err}): is the package that defines it installed?") from err
+
+
 class RecordsInitArgs:
     """Mixin that records the outermost constructor call as a class_path/init_args config."""
 
@@ -49,7 +100,7 @@ class RecordsInitArgs:
             if outermost:
                 bound = signature.bind(self, *args, **kw)
                 bound.apply_defaults()
-                init_args = {k: v for k, v in list(bound.arguments.items())[1:] if k not in ("args", "kwargs")}
+                init_args = _recorded_arguments(signature, bound.arguments, type(self).__qualname__)
                 # set before init so nested super().__init__ calls do not overwrite it
                 self.__dict__["_init_config"] = {"class_path": f"{type(self).__module__}.{type(self).__qualname__}"}
                 self.__dict__["_init_args_raw"] = init_args

@@ -1,8 +1,8 @@
-"""The command line: ``python -m lightning_transfer {fit,validate,test,predict,list,export,bench}``.
+"""TransferCLI: the LightningCLI behind ``python -m lightning_transfer {fit,validate,test,predict}``.
 
-fit/validate/test/predict go through :class:`TransferCLI`, a LightningCLI in omegaconf mode: several ``--config``
-files compose, components are chosen by ``class_path`` (short class names work: ``--model.adaptation=LoRA``), and
-``data.num_classes`` / ``data.class_names`` are linked into the model.
+A LightningCLI in omegaconf mode: several ``--config`` files compose, components are chosen by ``class_path`` (short
+class names work: ``--model.adaptation=LoRA``), and ``data.num_classes`` / ``data.class_names`` / ``data.task`` are
+linked into the model. The other subcommands (list, export, bench, merge) are dispatched by ``__main__``.
 """
 
 from __future__ import annotations
@@ -14,14 +14,12 @@ import importlib
 import inspect
 import json
 import os
-import pickle
 import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.callbacks.progress import ProgressBar
@@ -33,17 +31,17 @@ import lightning_transfer  # noqa: F401  (fills the registries)
 from lightning_transfer.callbacks.efficiency import EfficiencyMonitor
 from lightning_transfer.callbacks.predictions import PredictionWriter
 from lightning_transfer.callbacks.progress import ThrottledProgressBar
-from lightning_transfer.checkpointing import PARTIAL_PREFIX, unreadable_checkpoint
+from lightning_transfer.checkpointing import PARTIAL_PREFIX, checkpoint_run_ids, read_checkpoint
 from lightning_transfer.datamodules.base import TransferDataModule
-from lightning_transfer.loggers import default_wandb_mode
-from lightning_transfer.module import CHECKPOINT_KEY, CheckpointMismatch, TransferModule
-from lightning_transfer.registry import BACKBONES, DATAMODULES, STRATEGIES, TEST_TIME, Registry, first_doc_line
+from lightning_transfer.module import TransferModule
+from lightning_transfer.registry import BACKBONES, DATAMODULES, HEADS, STRATEGIES, TEST_TIME, Registry
 
 # the config keys that choose a registered component, and the registry each one draws from
 _COMPONENT_KEYS: dict[str, Registry] = {
     "model.adaptation": STRATEGIES,
     "model.backbone": BACKBONES,
     "model.test_time": TEST_TIME,
+    "model.head": HEADS,
     "data": DATAMODULES,
 }
 
@@ -79,10 +77,16 @@ class TransferArgumentParser(LightningArgumentParser):
             kwargs["prog"] = "python -m lightning_transfer"  # not "__main__.py" in usage lines and tips
         super().__init__(*args, **kwargs)
 
+    has_subcommands = False
+
+    def add_subcommands(self, *args: Any, **kwargs: Any) -> Any:
+        self.has_subcommands = True
+        return super().add_subcommands(*args, **kwargs)
+
     def print_usage(self, file: Any = None) -> None:
         """One line: the usage block of ``fit`` (60 lines, every option) buried the error printed after it."""
         prog = self.prog.replace(" [options]", "")
-        subcommand = " SUBCOMMAND" if getattr(self, "_subcommands_action", None) is not None else ""
+        subcommand = " SUBCOMMAND" if self.has_subcommands else ""
         (file or sys.stdout).write(f"usage: {prog}{subcommand} [-c CONFIG] [--KEY=VALUE ...]\n")
 
     def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
@@ -109,7 +113,7 @@ def _close_keys_hint(message: str, parser: argparse.ArgumentParser) -> str | Non
                                                             message)]
     if not found:
         return None
-    keys = sorted({a.dest for a in parser._actions if isinstance(a.dest, str) and "." in a.dest})
+    keys = sorted(set(re.findall(r"--([\w]+\.[\w.]+)", parser.format_help())))
     hints = []
     for key in dict.fromkeys(found):
         close = difflib.get_close_matches(key, keys, n=3, cutoff=0.75)
@@ -199,15 +203,19 @@ class TransferCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+        parser.link_arguments("data.task", "model.task", apply_on="instantiate")
         parser.add_lightning_class_args(EfficiencyMonitor, "efficiency")
 
-    def _parse_ckpt_path(self) -> None:
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
         with _setup_phase():
-            self._load_ckpt_settings()
+            self._load_ckpt_settings(parser)
 
-    def _load_ckpt_settings(self) -> None:
-        # Lightning replaces the model config with the checkpoint's hyperparameters; the test-time method is chosen
-        # when testing (`test --model.test_time=CAFA --ckpt_path run.ckpt`), not by the run that saved the weights
+    def _load_ckpt_settings(self, parser: LightningArgumentParser) -> None:
+        # LightningCLI then replaces the model config with the checkpoint's hyperparameters. Here, first: a missing
+        # or unreadable file and 'last' get resolved or refused with a message, and flags the checkpoint's settings
+        # would silently override are refused. The test-time method is chosen when testing (`test
+        # --model.test_time=CAFA --ckpt_path run.ckpt`): it is not among the recorded hyperparameters.
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
         if not ckpt_path:
@@ -218,17 +226,19 @@ class TransferCLI(LightningCLI):
                                     "<run folder>/checkpoints/last.ckpt), or 'last' to resume the newest run")
         if sub != "fit" and ckpt_path in ("last", "best"):
             self.config[sub].ckpt_path = _evaluated_checkpoint(sub, ckpt_path, self.config[sub].trainer)
+        if sub == "fit":
+            continue_run(self.config[sub])
+        path = self.config[sub].get("ckpt_path")
+        if not path or not Path(path).is_file():
+            return
+        checkpoint = read_checkpoint(path)
+        hparams = dict(checkpoint.get("hyper_parameters") or {}) if isinstance(checkpoint, dict) else {}
+        hparams.pop("_instantiator", None)  # written by older versions of this package, through LightningCLI
+        if not hparams:
+            return
         before = self.config[sub].model.clone()
-        try:
-            if sub == "fit":
-                continue_run(self.config[sub])
-            super()._parse_ckpt_path()
-        except (OSError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as err:
-            raise unreadable_checkpoint(self.config[sub].get("ckpt_path"), err) from err
-        # the test-time method is chosen when testing: the one given now, or none (never the checkpoint's, which
-        # could not be turned off: the source baseline of a model saved with a method would be unmeasurable)
-        self.config[sub].model.test_time = before.get("test_time")
-        _check_flags_kept(self._model_flags, before, self.config[sub].model, self.config[sub].get("ckpt_path"))
+        after = parser.parse_object({sub: {"model": hparams}}, self.config.clone())[sub].model
+        _check_flags_kept(self._model_flags, before, after, path)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # The CLI's progress bar (see ThrottledProgressBar) joins the trainer here rather than the config, so the saved
@@ -266,6 +276,10 @@ class TransferCLI(LightningCLI):
         if config.model.get("test_time") is not None and config.trainer.get("inference_mode", True):
             # test-time methods take gradient steps inside trainer.test
             config.trainer.inference_mode = False
+        adaptation = _import_class(_config_value(config.model, "adaptation.class_path"))
+        if config.trainer.get("strategy") == "ddp" and getattr(adaptation, "may_have_unused_parameters", False):
+            # a step may leave some of its trainable parameters without a gradient: DDP must look for them
+            config.trainer.strategy = "ddp_find_unused_parameters_true"
 
 
 _NAMED_CHECKPOINTS = ("last", "best", "hpc")
@@ -279,7 +293,7 @@ def _setup_phase() -> Iterator[None]:
     try:
         yield
     except Exception as err:
-        err._before_training = True  # type: ignore[attr-defined]
+        err.lightning_transfer_before_training = True  # type: ignore[attr-defined]
         raise
 
 
@@ -291,6 +305,15 @@ def _check_runnable(subcommand: str | None, model: Any, datamodule: Any) -> None
     if subcommand == "fit" and adaptation.trains_nothing:
         raise ValueError(f"{type(adaptation).__name__} trains nothing, so there is nothing to fit: run validate or "
                          "test with it, or choose a strategy that trains")
+    two_stream = bool(getattr(datamodule, "two_stream", False))
+    if subcommand == "fit" and adaptation.needs_target_data != two_stream:
+        name, data = type(adaptation).__name__, type(datamodule).__name__
+        raise ValueError(
+            f"{name} trains on a labelled source batch and an unlabelled target batch, but {data} yields one stream: "
+            "pair a source and a target datamodule with data=PairedDomains (data.init_args.source / .target)"
+            if adaptation.needs_target_data else
+            f"{data} yields two streams (labelled source, unlabelled target), but {name} trains on one: choose a "
+            "domain-adaptation strategy (DANN, CDAN, MCC, DAN), or train on the source datamodule alone")
     if adaptation.needs_text_tower and getattr(datamodule, "class_names_generated", False):
         names = datamodule.class_names
         raise ValueError(
@@ -346,7 +369,7 @@ def _check_flags_kept(flags: list[str], before: Any, after: Any, ckpt_path: str)
             "checkpoint trained with these settings.")
 
 
-def _plain_message(err: Exception) -> str:
+def plain_message(err: Exception) -> str:
     """The error's own message: for a component built through an optional (Union) config key, jsonargparse wraps it
     with the subtypes it tried and the whole given config; the one error that is not "Expected a NoneType" is ours."""
     text = str(err)
@@ -487,77 +510,3 @@ def find_last_checkpoint(trainer: Any) -> Path | None:
     candidates = [p for folder in _checkpoint_folders(trainer) if folder.is_dir() for p in folder.iterdir()
                   if "last" in p.name and p.suffix == ".ckpt" and not p.name.startswith(PARTIAL_PREFIX)]
     return max(candidates, key=lambda p: p.stat().st_mtime_ns) if candidates else None
-
-
-def checkpoint_run_ids(path: str) -> dict[str, str]:
-    """Logger class name -> run id/version recorded in a checkpoint written by :class:`TransferModule`."""
-    if not Path(path).is_file():
-        return {}
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return dict(checkpoint.get(CHECKPOINT_KEY, {}).get("loggers", {}))
-
-
-def list_components() -> str:
-    lines = []
-    for title, registry in (("backbones", BACKBONES), ("adaptation strategies (model.adaptation)", STRATEGIES),
-                            ("test-time methods (model.test_time)", TEST_TIME), ("datamodules (data)", DATAMODULES)):
-        lines.append(f"{title}:")
-        width = max((len(n) for n in registry.names()), default=0)
-        for name, cls in registry.items():
-            lines.append(f"  {name:<{width}}  {cls.__name__:<18} {first_doc_line(cls)}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _export(argv: list[str]) -> None:
-    from lightning_transfer.export import export_checkpoint
-
-    parser = argparse.ArgumentParser(prog="python -m lightning_transfer export",
-                                     description="Export a trained checkpoint for inference or reuse.")
-    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by fit")
-    parser.add_argument("--format", default="merged", choices=["merged", "peft"],
-                        help="merged: the backbone's weights with the adaptation folded in (+ head); "
-                             "peft: peft's adapter files for the wrapped model (LoRA, PeftMethod) (+ head)")
-    parser.add_argument("--output", required=True, help="output directory (must not exist or be empty)")
-    args = parser.parse_args(argv)
-    try:
-        written = export_checkpoint(args.ckpt_path, args.format, args.output)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:  # each names the bad value and the fix
-        raise SystemExit(f"export: {err}") from None
-    for path in written:
-        print(path)
-
-
-def main(argv: list[str] | None = None) -> None:
-    from_command_line = argv is None
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "list":
-        print(list_components())
-        return
-    if argv and argv[0] == "export":
-        _export(argv[1:])
-        return
-    if argv and argv[0] == "bench":
-        from lightning_transfer.bench import main as bench_main
-
-        bench_main(argv[1:])
-        return
-    if not argv or argv[0] in ("-h", "--help"):  # LightningCLI's help names only its own four subcommands
-        print("python -m lightning_transfer {fit,validate,test,predict,list,export,bench} ...\n"
-              "  list: the registered backbones, strategies, test-time methods and datamodules\n"
-              "  export: a checkpoint's backbone with the adaptation merged in, or as a peft adapter\n"
-              "  bench: several strategies (or test-time methods) on one config, one table; bench summarize\n"
-              "each takes --help. The Lightning subcommands:\n")
-    default_wandb_mode()
-    try:
-        TransferCLI(args=None if from_command_line else argv)
-    except Exception as err:
-        before_training = getattr(err, "_before_training", False) or isinstance(err, CheckpointMismatch)
-        if from_command_line and before_training and not os.environ.get(TRACEBACK_ENV):
-            raise SystemExit(f"error: {_plain_message(err)}\n(before anything ran; set {TRACEBACK_ENV}=1 to see the "
-                             "traceback)") from None
-        raise
-
-
-if __name__ == "__main__":
-    main()

@@ -17,6 +17,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+#: BatchNorm layers: torch's public classes (timm's BatchNormAct2d and friends subclass them)
+BATCH_NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
 
 def rank_and_world() -> tuple[int, int]:
     """(this process's global rank, number of processes); (0, 1) without an initialised process group."""
@@ -106,7 +109,7 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def _global_batch_norm(self: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
+def _global_batch_norm(self: nn.BatchNorm2d, x: Tensor) -> Tensor:
     """BatchNorm with the statistics of the batch over all processes: x (B, C, ...) -> same shape.
 
     Sums, sums of squares and counts are summed across processes with a gradient, so the backward pass is that of
@@ -134,7 +137,7 @@ def global_batch_statistics(layers: list[nn.Module]) -> Iterator[None]:
     also needs a GPU): each process adapts on its shard, yet the statistics and gradients are those of the batch
     all processes see together. Outside a process group it does nothing.
     """
-    patched = [m for m in layers if isinstance(m, nn.modules.batchnorm._BatchNorm)] if is_distributed() else []
+    patched = [m for m in layers if isinstance(m, BATCH_NORM_TYPES)] if is_distributed() else []
     for m in patched:
         m.forward = types.MethodType(_global_batch_norm, m)  # type: ignore[method-assign]
     try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
@@ -21,3 +21,20 @@ class BackboneOutput:
     pooled: Tensor
     tokens: Tensor
     hidden_states: tuple[Tensor, ...] | None = None
+
+
+@dataclass
+class StepLoss:
+    """What :meth:`AdaptationStrategy.training_loss` returns for one training batch.
+
+    Attributes:
+        loss: the scalar the optimizer minimises.
+        logits: (B, C) predictions on the labelled samples, for the training accuracy (None: not reported).
+        targets: their labels: (B,) class indices (counted for accuracy) or (B, C) soft labels (not counted).
+        terms: further named scalars, logged as ``train/<name>`` (means over the epoch), e.g. a domain loss.
+    """
+
+    loss: Tensor
+    logits: Tensor | None = None
+    targets: Tensor | None = None
+    terms: dict[str, Tensor] = field(default_factory=dict)

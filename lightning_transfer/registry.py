@@ -1,4 +1,4 @@
-"""Name registries for backbones, adaptation strategies, test-time methods and datamodules.
+"""Name registries for backbones, adaptation strategies, test-time methods, heads and datamodules.
 
 Classes register themselves with a lower-case name by decorator; importing :mod:`lightning_transfer` imports every
 module, so the registries are full. YAML refers to a class by its class name (``class_path: LoRA``) or by its full
@@ -74,11 +74,13 @@ BACKBONES: Registry = Registry("backbone")
 STRATEGIES: Registry = Registry("adaptation strategy")
 TEST_TIME: Registry = Registry("test-time method")
 DATAMODULES: Registry = Registry("datamodule")
+HEADS: Registry = Registry("head")
 
 register_backbone = BACKBONES.register
 register_strategy = STRATEGIES.register
 register_test_time = TEST_TIME.register
 register_datamodule = DATAMODULES.register
+register_head = HEADS.register
 
 
 def first_doc_line(cls: type) -> str:

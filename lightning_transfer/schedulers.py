@@ -85,3 +85,36 @@ def keep_lr_scales(scheduler: Any, optimizer: Optimizer, strategy: str) -> None:
             "CosineAnnealingLR or another scheduler that multiplies the optimizer's learning rates, or set "
             "layer_decay=None and backbone_lr_scale=1.0"
         )
+
+
+# ---- building the optimizer -------------------------------------------------------------------------------------
+def check_optimizer_factory(factory: Callable[..., Optimizer]) -> None:
+    """Build the optimizer once on a throwaway parameter, so a setting torch rejects (a negative lr, betas outside
+    [0, 1)) fails when the model is built, naming the setting, not after the fit has started and a run was logged."""
+    import torch
+    from torch import nn
+
+    try:
+        factory([nn.Parameter(torch.zeros(1))])
+    except ValueError as err:
+        raise ValueError(f"model.optimizer cannot be built: {err}: fix its init_args (e.g. "
+                         "--model.optimizer.init_args.lr=1e-3)") from err
+    except Exception:  # noqa: BLE001  a factory that needs more than a parameter list: configure_optimizers will say
+        pass
+
+
+def build_optimization(groups: list[dict[str, Any]], optimizer_factory: Callable[..., Optimizer],
+                       scheduler_factory: Callable[..., Any] | None, interval: str, strategy: str) -> Any:
+    """What ``configure_optimizers`` returns for the strategy's parameter groups: the optimizer with each group's
+    ``lr_scale`` applied (layer-wise decay, backbone lr scale), and the scheduler stepped every ``interval``."""
+    if not any(p.requires_grad for g in groups for p in g["params"]):
+        raise ValueError(f"{strategy} leaves no trainable parameters, so there is nothing to fit: run validate/test "
+                         "instead, or choose a strategy that trains")
+    optimizer = optimizer_factory(groups)
+    for group in optimizer.param_groups:  # per-group multipliers (layer-wise decay, backbone lr scale)
+        group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
+    if scheduler_factory is None:
+        return optimizer
+    scheduler = scheduler_factory(optimizer)
+    keep_lr_scales(scheduler, optimizer, strategy)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}

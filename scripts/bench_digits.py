@@ -12,7 +12,9 @@ import hashlib
 import sys
 from pathlib import Path
 
-from lightning_transfer.cli import TransferCLI, main
+from lightning_transfer.__main__ import main
+
+from lightning_transfer.cli import TransferCLI
 from lightning_transfer.registry import STRATEGIES
 
 SOURCE_CONFIG, TARGET_CONFIG = Path("configs/quickstart_source.yaml"), Path("configs/quickstart.yaml")

@@ -11,7 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from lightning_transfer.cli import TransferCLI, main
+from lightning_transfer.__main__ import main
+
+from lightning_transfer.cli import TransferCLI
 from lightning_transfer.loggers import default_wandb_mode
 
 

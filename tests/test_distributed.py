@@ -87,7 +87,7 @@ def test_a_checkpoint_saved_under_ddp_reloads_in_one_process_with_the_trained_we
     meta = saved[CHECKPOINT_KEY]
     assert len(meta["rng_states"]) == 2 and len(meta["train_sums"]) == 2  # one entry per process
     # the last step's checkpoint: each process counted its own 10 of the epoch's 20 images
-    assert [count for _, _, count in meta["train_sums"]] == [10, 10]
+    assert [sums[2] for sums in meta["train_sums"]] == [10, 10]
     module = TransferModule.load_from_checkpoint(lora["last_checkpoint"], weights_only=True)
     trained = {n: p for n, p in module.named_parameters() if p.requires_grad}
     _close(trained, lora["params"], "DDP checkpoint reloaded in one process")

@@ -139,7 +139,7 @@ def test_resume_mid_epoch_with_dropout_gives_the_same_weights_and_epoch_metrics(
     for name in ("train/loss", "train/acc"):
         assert float(got[name]) == pytest.approx(float(expected[name]), abs=1e-6), name
     # saved by 2 DDP processes (each its own shard's sums), resumed on 1: the epoch's numbers are over both shards
-    ((loss_sum, correct, count),) = crashed[CHECKPOINT_KEY]["train_sums"]
+    ((loss_sum, correct, count, *_),) = crashed[CHECKPOINT_KEY]["train_sums"]
     assert count == 10  # 2 batches of 5
     crashed[CHECKPOINT_KEY]["train_sums"] = [[loss_sum / 4, 0, 4], [loss_sum * 3 / 4, correct, count - 4]]
     torch.save(crashed, tmp_path / "two.ckpt")

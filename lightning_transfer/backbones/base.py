@@ -6,7 +6,6 @@ block, SHERL reads ``hidden_states`` and re-runs the last blocks, LinearProbe ca
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_transfer._config import RecordsInitArgs
+from lightning_transfer.checkpointing import read_weights
 from lightning_transfer.outputs import BackboneOutput
 
 
@@ -36,6 +36,11 @@ class Backbone(nn.Module, RecordsInitArgs):
     #: Module-name prefix of the tower that ``forward`` runs (CLIP's image tower: its text tower holds modules of
     #: the same names that no image strategy runs); ``""`` is the whole backbone.
     image_tower_prefix: ClassVar[str] = ""
+    #: Whole components of parameter names that are never weight-decayed: learned tokens and position tables
+    #: (timm's ``no_weight_decay()`` names, OpenAI's and Hugging Face's position tables, BERT's token-type table).
+    no_weight_decay_names: ClassVar[frozenset[str]] = frozenset({
+        "cls_token", "dist_token", "reg_token", "mask_token", "pos_embed", "positional_embedding",
+        "position_embedding", "position_embeddings", "token_type_embeddings"})
 
     name: str = "backbone"
     embed_dim: int = 0
@@ -162,6 +167,12 @@ class Backbone(nn.Module, RecordsInitArgs):
     def identity(self) -> str:
         """A human-readable name of the weights this backbone was built from."""
         return self.name
+
+    @property
+    def random_init(self) -> bool:
+        """True when the weights are a random initialisation (neither pretrained nor read from a file): a
+        checkpoint that leaves them out cannot be reloaded, as no later run draws the same weights."""
+        return False
 
     def export_state_dict(self) -> dict[str, Tensor]:
         """The weights in the layout ``checkpoint_path`` accepts."""
@@ -313,13 +324,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
                 "dict with another suffix"
             ) from err
     else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # pickled code, a truncated file, not a torch file at all
-            raise ValueError(
-                f"cannot read {str(path)!r} as weights with torch.load(weights_only=True): {err}. Only tensors are "
-                "loaded (never pickled code); convert the file to safetensors or a plain state dict"
-            ) from err
+        state = read_weights(path)
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
@@ -354,13 +359,3 @@ def load_into(module: nn.Module, state: dict[str, Tensor], source: str, ignore_p
             + ". Check that model_name / model_kwargs match the architecture the file was saved from"
         )
     module.load_state_dict(state, strict=False)
-
-
-def tensors_digest(tensors: dict[str, Tensor]) -> str:
-    """sha256 over names, shapes, dtypes and bytes of ``tensors`` (sorted by name)."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()

@@ -172,6 +172,10 @@ class CIFARResNet(Backbone):
     def identity(self) -> str:
         return f"{self.name} ({self.checkpoint_path or 'random init'})"
 
+    @property
+    def random_init(self) -> bool:
+        return not self.checkpoint_path
+
 
 def _fixed_depth(depth: int) -> type[CIFARResNet]:
     class _Fixed(CIFARResNet):

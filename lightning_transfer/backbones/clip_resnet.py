@@ -370,3 +370,7 @@ class CLIPResNetBackbone(CLIPTextTower, Backbone):
     def identity(self) -> str:
         source = self.checkpoint_path or ("pretrained" if self.model_name_or_path else "random init")
         return f"clip_resnet:{self.name} ({source})"
+
+    @property
+    def random_init(self) -> bool:
+        return not (self.checkpoint_path or self.model_name_or_path)

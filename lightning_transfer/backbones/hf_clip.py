@@ -287,6 +287,10 @@ class HFCLIPBackbone(CLIPTextTower, Backbone):
         source = self.checkpoint_path or ("pretrained" if self.model_name_or_path else "random init")
         return f"hf_clip:{self.name} ({source})"
 
+    @property
+    def random_init(self) -> bool:
+        return not (self.checkpoint_path or self.model_name_or_path)
+
 
 @functools.cache
 def _causal_mask_parameters() -> frozenset[str]:

@@ -264,3 +264,7 @@ class HFTextBackbone(Backbone):
     def identity(self) -> str:
         source = self.checkpoint_path or ("pretrained" if self.model_name_or_path else "random init")
         return f"hf_text:{self.name} ({source})"
+
+    @property
+    def random_init(self) -> bool:
+        return not (self.checkpoint_path or self.model_name_or_path)

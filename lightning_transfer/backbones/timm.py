@@ -246,3 +246,7 @@ class TimmBackbone(Backbone):
     def identity(self) -> str:
         source = self.checkpoint_path or ("pretrained" if self.pretrained else "random init")
         return f"timm:{self.name} ({source})"
+
+    @property
+    def random_init(self) -> bool:
+        return not (self.checkpoint_path or self.pretrained)

@@ -1,7 +1,9 @@
 """Callbacks shipped with lightning-transfer."""
 
 from lightning_transfer.callbacks.efficiency import EfficiencyMonitor, SavedTensorsCounter, saved_bytes
+from lightning_transfer.callbacks.housekeeping import AtomicCheckpoints, FreeGradientsEarly
 from lightning_transfer.callbacks.predictions import PredictionWriter
 from lightning_transfer.callbacks.progress import ThrottledProgressBar
 
-__all__ = ["EfficiencyMonitor", "PredictionWriter", "SavedTensorsCounter", "ThrottledProgressBar", "saved_bytes"]
+__all__ = ["AtomicCheckpoints", "EfficiencyMonitor", "FreeGradientsEarly", "PredictionWriter", "SavedTensorsCounter",
+           "ThrottledProgressBar", "saved_bytes"]

@@ -53,7 +53,7 @@ class ClassSubset(TransferDataModule):
 
     Base = the first ceil(n / 2) classes of ``data.class_names``, new = the rest (as CoCoOp splits them). Train on
     ``base`` (usually 16-shot: set ``num_shots`` on the inner datamodule), then test the same prompt on ``base``
-    and on ``new``; :func:`lightning_transfer.protocols.evaluate_base_to_new` runs both and logs the harmonic mean.
+    and on ``new``; :func:`lightning_transfer.base_to_new.evaluate_base_to_new` runs both and logs the harmonic mean.
 
     Args:
         data: the datamodule to restrict (its batch size, shots and seed are used).

@@ -8,7 +8,7 @@ registers them as its own submodules.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -16,16 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_transfer._config import RecordsInitArgs
+from lightning_transfer.auxiliary import FrozenNetwork
 from lightning_transfer.backbones.base import Backbone
+from lightning_transfer.outputs import StepLoss
 from lightning_transfer.registry import STRATEGIES
-
-# parameters that never get weight decay, by a whole component of their name: learned tokens and positions (timm's
-# ``no_weight_decay()`` names, OpenAI's and Hugging Face's position tables, BERT's token-type table), VQT's query
-# tokens and CoOp's context vectors. Whole components, not substrings: BERT's attention ``query`` projection, and the
-# LoRA matrices on it, are decayed like ``key`` and ``value``.
-_NO_DECAY_COMPONENTS = frozenset({"cls_token", "dist_token", "reg_token", "mask_token", "pos_embed",
-                                  "positional_embedding", "position_embedding", "position_embeddings",
-                                  "token_type_embeddings", "queries", "ctx"})
 
 
 def freeze(module: nn.Module) -> None:
@@ -33,9 +27,14 @@ def freeze(module: nn.Module) -> None:
         p.requires_grad_(False)
 
 
-def no_weight_decay(name: str, param: Tensor) -> bool:
-    """Biases, norm affine parameters, learned tokens and positions are not decayed (timm/BEiT convention)."""
-    return param.ndim <= 1 or any(part in _NO_DECAY_COMPONENTS or part.endswith("_token") for part in name.split("."))
+def no_weight_decay(name: str, param: Tensor, names: Collection[str] = ()) -> bool:
+    """Biases, norm affine parameters, learned tokens and positions are not decayed (timm/BEiT convention).
+
+    ``names`` are whole components of parameter names that are never decayed: the backbone's token and position
+    tables and the strategy's own tokens (:attr:`AdaptationStrategy.no_weight_decay_names`). Whole components, not
+    substrings: BERT's attention ``query`` projection, and the LoRA matrices on it, are decayed like ``key``.
+    """
+    return param.ndim <= 1 or any(part in names or part.endswith("_token") for part in name.split("."))
 
 
 class AdaptationStrategy(nn.Module, RecordsInitArgs):
@@ -56,6 +55,11 @@ class AdaptationStrategy(nn.Module, RecordsInitArgs):
     may_have_unused_parameters: ClassVar[bool] = False
     #: nothing trains (e.g. zero-shot CLIP): validate/test only, ``fit`` refuses
     trains_nothing: ClassVar[bool] = False
+    #: two-stream training: each training batch is ``{"source": (x, y), "target": x_t}``, a labelled source batch
+    #: and an unlabelled target batch (a paired datamodule yields it; the CLI refuses any other pairing)
+    needs_target_data: ClassVar[bool] = False
+    #: whole components of this strategy's parameter names that are never weight-decayed (prompt or query tokens)
+    no_weight_decay_names: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self) -> None:
         super().__init__()
@@ -78,6 +82,12 @@ class AdaptationStrategy(nn.Module, RecordsInitArgs):
             return
         self.check_backbone(backbone)
         self._attach(backbone, head)
+        if not self.needs_text_tower:  # image strategies: what the image forward never uses gets no gradient
+            for name, p in backbone.named_parameters():
+                if name.startswith(backbone.unused_by_forward()):
+                    p.requires_grad_(False)
+        for network in self.frozen_networks().values():
+            freeze(network)
         self._attached_to = id(backbone)
 
     def _attach(self, backbone: Backbone, head: nn.Module | None) -> None:
@@ -106,7 +116,40 @@ class AdaptationStrategy(nn.Module, RecordsInitArgs):
         return backbone(inputs)
 
     def loss(self, logits: Tensor, batch: Any) -> Tensor:
-        return F.cross_entropy(logits, batch[1])
+        """The loss of logits on the labelled batch (default: cross-entropy)."""
+        return F.cross_entropy(logits, self.labelled_batch(batch)[1])
+
+    def labelled_batch(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """(inputs, targets) of a training batch's labelled samples: the source stream of a two-stream batch."""
+        if self.needs_target_data:
+            inputs, targets = batch["source"][:2]
+            return inputs, targets
+        return batch[0], batch[1]
+
+    def training_loss(self, backbone: Backbone, head: nn.Module | None, batch: Any) -> StepLoss:
+        """The training step's loss (and any named terms to log) from whatever the datamodule yields.
+
+        Default: :meth:`loss` of :meth:`forward` on the labelled inputs. Two-stream strategies (domain
+        adaptation) read ``batch["source"]`` and ``batch["target"]``; distillation runs its teacher here.
+        """
+        inputs, targets = self.labelled_batch(batch)
+        logits = self(backbone, head, inputs)
+        return StepLoss(self.loss(logits, batch), logits=logits, targets=targets)
+
+    # ---- auxiliary networks ---------------------------------------------------------------------------------
+    def frozen_networks(self) -> dict[str, FrozenNetwork]:
+        """Frozen auxiliary networks of this strategy (a teacher, an old model), by attribute path. Like the frozen
+        backbone they are left out of checkpoints, identified by a digest that is checked on reload."""
+        found: dict[str, FrozenNetwork] = {}
+        for name, m in self.named_modules():  # parents come before their children: keep the outermost
+            if isinstance(m, FrozenNetwork) and not any(name.startswith(f"{outer}.") for outer in found):
+                found[name] = m
+        return found
+
+    def trainable_auxiliaries(self) -> dict[str, nn.Module]:
+        """Trainable auxiliary modules (a domain discriminator, a projector), by name: saved in checkpoints, and
+        given their own optimizer parameter group named after them. None by default."""
+        return {}
 
     def set_train_mode(self, backbone: Backbone, head: nn.Module | None, mode: bool) -> None:
         """Called after ``module.train(mode)``: a frozen backbone stays in eval mode (dropout off, BN frozen)."""
@@ -124,16 +167,25 @@ class AdaptationStrategy(nn.Module, RecordsInitArgs):
                     yield f"{prefix}.{name}", p
 
     def param_groups(self, backbone: Backbone, head: nn.Module | None) -> list[dict[str, Any]]:
-        """Optimizer parameter groups: every trainable parameter; no weight decay on biases, norms and tokens.
+        """Optimizer parameter groups: every trainable parameter; no weight decay on biases, norms and tokens; each
+        trainable auxiliary module (:meth:`trainable_auxiliaries`) in groups of its own, named after it.
 
         A group may carry ``lr_scale``; the module multiplies the optimizer's learning rate by it.
         """
-        decay: list[nn.Parameter] = []
-        no_decay: list[nn.Parameter] = []
+        owner = {id(p): name for name, m in self.trainable_auxiliaries().items() for p in m.parameters()}
+        names = self.no_weight_decay_names | backbone.no_weight_decay_names
+        grouped: dict[tuple[str, bool], list[nn.Parameter]] = {}
         for name, p in self.named_trainable(backbone, head):
-            (no_decay if no_weight_decay(name, p) else decay).append(p)
-        groups: list[dict[str, Any]] = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return [g for g in groups if g["params"]]
+            grouped.setdefault((owner.get(id(p), ""), no_weight_decay(name, p, names)), []).append(p)
+        groups: list[dict[str, Any]] = []
+        for (aux, undecayed), params in sorted(grouped.items()):  # the model's own groups first, decayed first
+            group: dict[str, Any] = {"params": params}
+            if undecayed:
+                group["weight_decay"] = 0.0
+            if aux:
+                group["name"] = aux
+            groups.append(group)
+        return groups
 
     def extra_repr(self) -> str:
         args = self.init_config()["init_args"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from lightning_transfer import distributed
 from lightning_transfer.backbones.base import Backbone
 from lightning_transfer.registry import register_strategy
 from lightning_transfer.strategies.base import AdaptationStrategy, freeze
@@ -12,7 +13,7 @@ from lightning_transfer.strategies.base import AdaptationStrategy, freeze
 def keep_bn_statistics(backbone: nn.Module) -> None:
     """Put BatchNorm layers in eval mode: their running statistics stay the pretrained ones while affine terms train."""
     for module in backbone.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if isinstance(module, distributed.BATCH_NORM_TYPES):
             module.eval()
 
 

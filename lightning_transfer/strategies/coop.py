@@ -72,6 +72,7 @@ class CoOp(AdaptationStrategy):
     identity_at_init: ClassVar[bool] = False  # there is no linear head to compare against
     needs_tokens: ClassVar[bool] = True
     needs_text_tower: ClassVar[bool] = True
+    no_weight_decay_names: ClassVar[frozenset[str]] = frozenset({"ctx"})  # the context vectors, as CoOp trains them
 
     def __init__(
         self,

@@ -56,10 +56,11 @@ class FullFinetune(AdaptationStrategy):
             return super().param_groups(backbone, head)
         scales = layer_lr_scales(backbone.depth, self.layer_decay, self.backbone_lr_scale)
         layer_of = backbone.layer_ids()
+        names = self.no_weight_decay_names | backbone.no_weight_decay_names
         groups: dict[tuple[float, bool], list] = {}
         for name, p in self.named_trainable(backbone, head):
             scale = scales[layer_of[name[len("backbone."):]]] if name.startswith("backbone.") else 1.0
-            groups.setdefault((scale, no_weight_decay(name, p)), []).append(p)
+            groups.setdefault((scale, no_weight_decay(name, p, names)), []).append(p)
         out = []
         for (scale, nd), params in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
             group: dict[str, Any] = {"params": params, "lr_scale": scale}

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from torch import nn
 
+from lightning_transfer import distributed
 from lightning_transfer.backbones.base import Backbone
 from lightning_transfer.registry import register_strategy
 from lightning_transfer.strategies.base import AdaptationStrategy, freeze
 from lightning_transfer.strategies.bitfit import keep_bn_statistics
 
-NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
-                                           nn.modules.instancenorm._InstanceNorm)
+NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, *distributed.BATCH_NORM_TYPES, nn.GroupNorm,
+                                           nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
 
 def is_norm(module: nn.Module) -> bool:

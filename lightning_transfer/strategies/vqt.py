@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_transfer.backbones.base import Backbone
+from lightning_transfer.checkpointing import read_checkpoint
 from lightning_transfer.registry import register_strategy
 from lightning_transfer.strategies.base import AdaptationStrategy, freeze
 
@@ -55,7 +56,7 @@ def _read_checkpoint_tensors(path: str, keys: Sequence[str], what: str) -> list[
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"{what} {path!r} does not exist: pass the .ckpt of the earlier VQT stage")
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    state = read_checkpoint(file, what)
     state = state.get("state_dict", state)
     missing = [k for k in keys if k not in state]
     if missing:
@@ -99,6 +100,7 @@ class VQT(AdaptationStrategy):
 
     identity_at_init = False
     needs_tokens = True
+    no_weight_decay_names = frozenset({"queries"})  # the query tokens, like VPT's prompts
 
     def __init__(
         self,

@@ -8,33 +8,30 @@ features and logits come out of one forward pass, and the online/episodic state 
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_transfer import distributed
-from lightning_transfer.test_time.base import TestTimeAdaptation
-
-if TYPE_CHECKING:
-    from lightning_transfer.module import TransferModule
+from lightning_transfer.test_time.base import AdaptableModel, TestTimeAdaptation
 
 NormKind = Literal["auto", "batch", "layer", "group"]
 _KINDS: dict[str, tuple[type[nn.Module], ...]] = {
-    "batch": (nn.modules.batchnorm._BatchNorm,),
+    "batch": distributed.BATCH_NORM_TYPES,
     "layer": (nn.LayerNorm,),
     "group": (nn.GroupNorm,),
 }
 
 
-def model_modules(module: TransferModule) -> dict[str, nn.Module]:
+def model_modules(module: AdaptableModel) -> dict[str, nn.Module]:
     """The parts of the model a test-time method may touch (never the test-time method itself)."""
     parts = {"backbone": module.backbone, "adaptation": module.adaptation, "head": module.head}
     return {k: v for k, v in parts.items() if v is not None}
 
 
-def find_norm_layers(module: TransferModule, norm: NormKind) -> tuple[str, list[nn.Module]]:
+def find_norm_layers(module: AdaptableModel, norm: NormKind) -> tuple[str, list[nn.Module]]:
     """(resolved kind, layers): ``auto`` picks BatchNorm when the model has any (CNNs), else LayerNorm (ViTs)."""
     found: dict[str, list[nn.Module]] = {kind: [] for kind in _KINDS}
     for part in model_modules(module).values():
@@ -51,7 +48,7 @@ def find_norm_layers(module: TransferModule, norm: NormKind) -> tuple[str, list[
 
 def tracking_state(layers: list[nn.Module]) -> list[tuple[nn.Module, bool]]:
     """Each BatchNorm layer's ``track_running_stats``, which :func:`use_batch_statistics` turns off."""
-    return [(m, bool(m.track_running_stats)) for m in layers if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return [(m, bool(m.track_running_stats)) for m in layers if isinstance(m, distributed.BATCH_NORM_TYPES)]
 
 
 def restore_tracking(saved: list[tuple[nn.Module, bool]]) -> None:
@@ -66,7 +63,7 @@ def use_batch_statistics(layers: list[nn.Module]) -> None:
     the source running statistics, which stay in the state dict; in eval mode they are used again as before.
     """
     for m in layers:
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, distributed.BATCH_NORM_TYPES):
             m.track_running_stats = False
             m.train()
 
@@ -100,7 +97,7 @@ def affine_parameters(layers: list[nn.Module]) -> list[nn.Parameter]:
 class FeatureCapture:
     """Run the model once and keep the features its head read, so features and logits share one forward pass."""
 
-    def __init__(self, module: TransferModule) -> None:
+    def __init__(self, module: AdaptableModel) -> None:
         self.module = module
         self.features: Tensor | None = None
 
@@ -175,10 +172,10 @@ class NormAffineAdaptation(TestTimeAdaptation):
         """The unsupervised objective on one batch: features (B, D), logits (B, C) -> scalar."""
         raise NotImplementedError
 
-    def check(self, module: TransferModule) -> None:
+    def check(self, module: AdaptableModel) -> None:
         self._norm_layers(module)
 
-    def _norm_layers(self, module: TransferModule) -> tuple[str, list[nn.Module], list[nn.Parameter]]:
+    def _norm_layers(self, module: AdaptableModel) -> tuple[str, list[nn.Module], list[nn.Parameter]]:
         kind, layers = find_norm_layers(module, self.norm)
         params = affine_parameters(layers)
         if not params:
@@ -188,7 +185,7 @@ class NormAffineAdaptation(TestTimeAdaptation):
             )
         return kind, layers, params
 
-    def prepare(self, module: TransferModule, datamodule: Any) -> None:
+    def prepare(self, module: AdaptableModel, datamodule: Any) -> None:
         kind, self.layers, self.params = self._norm_layers(module)
         check_test_batch_size(self, kind, datamodule)
         self._saved = ([(p, p.requires_grad) for part in model_modules(module).values() for p in part.parameters()],
@@ -217,7 +214,7 @@ class NormAffineAdaptation(TestTimeAdaptation):
                 p.copy_(saved)
         self.optimizer.load_state_dict(copy.deepcopy(opt_state))
 
-    def release(self, module: TransferModule) -> None:
+    def release(self, module: AdaptableModel) -> None:
         self.reset()
         if self._saved is not None:
             flags, tracking = self._saved
@@ -226,7 +223,7 @@ class NormAffineAdaptation(TestTimeAdaptation):
             restore_tracking(tracking)
             self._saved = None
 
-    def features_and_logits(self, module: TransferModule, inputs: Tensor) -> tuple[Tensor, Tensor]:
+    def features_and_logits(self, module: AdaptableModel, inputs: Tensor) -> tuple[Tensor, Tensor]:
         """One forward pass of the model as its strategy runs it, keeping the head's input features.
 
         Some strategies compute frozen features without autograd (LinearProbe, PartialFreeze's frozen blocks), so
@@ -259,7 +256,7 @@ class NormAffineAdaptation(TestTimeAdaptation):
         grads = torch.autograd.grad(logits.sum(), self.params, retain_graph=True, allow_unused=True)
         return all(g is not None for g in grads)
 
-    def adapt(self, module: TransferModule, batch: Any) -> Tensor:
+    def adapt(self, module: AdaptableModel, batch: Any) -> Tensor:
         if self.optimizer is None:
             raise RuntimeError(f"{type(self).__name__}.adapt called before prepare(module, datamodule)")
         if self.episodic:

@@ -7,15 +7,29 @@ any test-time method. The module calls :meth:`prepare` once before testing and :
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from lightning_transfer._config import RecordsInitArgs
 
-if TYPE_CHECKING:
-    from lightning_transfer.module import TransferModule
+
+class AdaptableModel(Protocol):
+    """What a test-time method may use of the model it adapts (AdaptableModel is one): its parts, its forward
+    pass and its class count. Test-time methods are typed against this, not against the module."""
+
+    backbone: Any  # lightning_transfer.backbones.Backbone
+    adaptation: Any  # lightning_transfer.strategies.AdaptationStrategy
+    head: nn.Module | None
+    num_classes: int
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def __call__(self, inputs: Tensor) -> Tensor: ...
+
+    def modules(self) -> Any: ...
 
 
 class TestTimeAdaptation(nn.Module, RecordsInitArgs):
@@ -37,23 +51,23 @@ class TestTimeAdaptation(nn.Module, RecordsInitArgs):
         self.episodic = episodic
         self.reset_between_dataloaders = reset_between_dataloaders
 
-    def check(self, module: TransferModule) -> None:
+    def check(self, module: AdaptableModel) -> None:
         """Raise ``ValueError`` if this method cannot work on ``module`` (e.g. BNAdapt on a model without BatchNorm).
 
         Cheap and side-effect free: the module calls it when it is built, so a wrong pairing fails before any data
         is prepared or any checkpoint loaded; :meth:`prepare` calls it again."""
 
-    def prepare(self, module: TransferModule, datamodule: Any) -> None:
+    def prepare(self, module: AdaptableModel, datamodule: Any) -> None:
         """Once, before testing: configure the model, collect statistics, save the state to reset to."""
 
-    def adapt(self, module: TransferModule, batch: Any) -> Tensor:
+    def adapt(self, module: AdaptableModel, batch: Any) -> Tensor:
         """Adapt on one unlabelled batch; return the logits predicted before the update."""
         raise NotImplementedError
 
     def reset(self) -> None:
         """Restore the state saved by :meth:`prepare` (episodic mode, or between corruption types)."""
 
-    def release(self, module: TransferModule) -> None:
+    def release(self, module: AdaptableModel) -> None:
         """After testing: hand the model back as :meth:`prepare` found it (weights, ``requires_grad``, BatchNorm
         running-statistics tracking), so a later test starts from the source model and a later fit trains as
         configured. The module calls :meth:`prepare` again before its next test."""

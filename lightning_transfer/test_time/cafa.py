@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -14,9 +14,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from lightning_transfer import distributed
 from lightning_transfer.registry import register_test_time
 from lightning_transfer.test_time._norm import FeatureCapture, NormAffineAdaptation, NormKind
-
-if TYPE_CHECKING:
-    from lightning_transfer.module import TransferModule
+from lightning_transfer.test_time.base import AdaptableModel
 
 _STATS = ("class_means", "class_covariances", "class_counts")
 
@@ -148,7 +146,7 @@ class CAFA(NormAffineAdaptation):
             self.register_buffer(name, torch.empty(0))
         self.register_buffer("precisions", torch.empty(0), persistent=False)
 
-    def check(self, module: TransferModule) -> None:
+    def check(self, module: AdaptableModel) -> None:
         super().check(module)
         if module.head is None:
             raise ValueError(
@@ -160,7 +158,7 @@ class CAFA(NormAffineAdaptation):
     def has_statistics(self) -> bool:
         return self.class_means.numel() > 0
 
-    def prepare(self, module: TransferModule, datamodule: Any) -> None:
+    def prepare(self, module: AdaptableModel, datamodule: Any) -> None:
         if not self.has_statistics and self.statistics_path and Path(self.statistics_path).is_file():
             self._load_statistics(self.statistics_path)
         if not self.has_statistics:
@@ -170,7 +168,7 @@ class CAFA(NormAffineAdaptation):
         self._check_statistics(module)
         super().prepare(module, datamodule)
 
-    def _check_statistics(self, module: TransferModule) -> None:
+    def _check_statistics(self, module: AdaptableModel) -> None:
         """The statistics must be of this model's classes and head features (a statistics file of another model
         would fail mid-test, or align features to the wrong classes)."""
         classes, dim = self.class_means.shape
@@ -197,7 +195,7 @@ class CAFA(NormAffineAdaptation):
         self.precisions = torch.empty(0, device=means.device)  # recomputed (with the ridge) on first use
 
     @torch.no_grad()
-    def source_statistics(self, module: TransferModule, datamodule: Any) -> tuple[Tensor, Tensor, Tensor]:
+    def source_statistics(self, module: AdaptableModel, datamodule: Any) -> tuple[Tensor, Tensor, Tensor]:
         """Features of the source (training) split with the unadapted model -> class statistics.
 
         The source batches follow one fixed shuffled order (so ``max_source_batches`` draws the same subset every
@@ -256,7 +254,7 @@ class CAFA(NormAffineAdaptation):
                           num_workers=loader.num_workers, collate_fn=loader.collate_fn)
 
     @staticmethod
-    def _sum_across_processes(moments: list[Tensor] | None, module: TransferModule, tied: bool) -> list[Tensor]:
+    def _sum_across_processes(moments: list[Tensor] | None, module: AdaptableModel, tied: bool) -> list[Tensor]:
         # a process without a batch (fewer batches than processes) contributes zeros of the common shapes
         shapes = distributed.gather_objects(None if moments is None else tuple(moments[1].shape))
         shape = next((s for s in shapes if s is not None), None)

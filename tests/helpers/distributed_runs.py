@@ -26,6 +26,7 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
+from lightning_transfer import distributed
 from lightning_transfer.checkpointing import AtomicCheckpointIO
 from lightning_transfer.datamodules import Digits
 from lightning_transfer.module import TransferModule
@@ -51,7 +52,7 @@ def _batch_dependent(module: TransferModule) -> bool:
     """Whether a training step's result depends on how the batch is split: dropout (each process draws its own masks)
     or BatchNorm normalising with batch statistics (each process would use its half batch)."""
     module.train()
-    batch_norm = nn.modules.batchnorm._BatchNorm
+    batch_norm = distributed.BATCH_NORM_TYPES
     return any(m.training and ((isinstance(m, nn.Dropout) and m.p > 0) or isinstance(m, batch_norm))
                for m in module.modules())
 

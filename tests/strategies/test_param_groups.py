@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lightning_transfer.backbones.base import Backbone
 from lightning_transfer.module import TransferModule
+from lightning_transfer.strategies.coop import CoOp
 from lightning_transfer.strategies.base import no_weight_decay
 from lightning_transfer.strategies.full import FullFinetune
 from lightning_transfer.strategies.lora import LoRA
@@ -33,7 +35,14 @@ def _undecayed(module: TransferModule) -> set[str]:
     ("head.fc.weight", (5, 8), True),
 ])
 def test_no_weight_decay_matches_whole_name_components(name, shape, decayed):
-    assert no_weight_decay(name, torch.zeros(shape)) is not decayed
+    # the names the backbones and strategies declare (each declares its own tokens)
+    names = Backbone.no_weight_decay_names | VQT.no_weight_decay_names | CoOp.no_weight_decay_names
+    assert no_weight_decay(name, torch.zeros(shape), names) is not decayed
+
+
+def test_a_strategys_no_decay_names_are_its_own():
+    assert "queries" in VQT.no_weight_decay_names and "queries" not in CoOp.no_weight_decay_names
+    assert not no_weight_decay("adaptation.queries", torch.zeros(2, 1, 8))  # decayed without VQT's names
 
 
 def test_lora_on_bert_decays_the_query_adapters_like_the_value_ones():

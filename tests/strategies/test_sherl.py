@@ -131,7 +131,7 @@ def test_tune_late_blocks_trains_and_checkpoints_them():
     module = _module(tune_late_blocks=True, late_blocks=2)
     trainable = {n for n, p in module.backbone.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("model.blocks.4.", "model.blocks.5.")) for n in trainable)
-    kept, _ = module.split_state_dict(module.state_dict())
+    kept, _ = module.checkpoint_format.split(module, module.state_dict())
     assert "backbone.model.blocks.5.mlp.fc1.weight" in kept and "backbone.model.blocks.3.mlp.fc1.weight" not in kept
     x = inputs_for(module.backbone)
     module.adaptation.loss(module(x), (x, torch.arange(4))).backward()

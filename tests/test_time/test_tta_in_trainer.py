@@ -75,8 +75,8 @@ def test_cafa_statistics_travel_in_the_checkpoint(tmp_path):
     trainer.save_checkpoint(path)
     saved = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     assert saved["test_time.class_means"].shape == (NUM_CLASSES, module.backbone.num_features)
-    # a fresh run elsewhere: no source data, statistics from the checkpoint only
-    fresh = TransferModule.load_from_checkpoint(path, weights_only=True)
+    # a fresh run elsewhere: no source data, statistics from the checkpoint only (the method is chosen at test time)
+    fresh = TransferModule.load_from_checkpoint(path, weights_only=True, test_time=CAFA())
     torch.testing.assert_close(fresh.test_time.class_covariances, module.test_time.class_covariances)
     result = _trainer(inference_mode=False).test(fresh, datamodule=_Data([target], with_train=False), verbose=False)
     assert 0.0 <= result[0]["test/acc"] <= 1.0

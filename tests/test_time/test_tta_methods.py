@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_transfer import distributed
 from lightning_transfer.module import TransferModule
 from lightning_transfer.registry import STRATEGIES, TEST_TIME
 from lightning_transfer.strategies.full import FullFinetune
@@ -19,7 +20,7 @@ from lightning_transfer.test_time.cafa import (
     mahalanobis_distances,
     precision_matrices,
 )
-from lightning_transfer.test_time.norm import BNAdapt
+from lightning_transfer.test_time.bn_adapt import BNAdapt
 from lightning_transfer.test_time.tent import Tent, softmax_entropy
 from tests.helpers.models import tiny_cnn, tiny_vit
 
@@ -87,7 +88,7 @@ def test_returns_pre_update_prediction_and_updates_only_norm_affine(kind):
                if not n.startswith("test_time") and not torch.equal(p, others[n])]
     assert changed and all(id(dict(module.named_parameters())[n]) in adapted for n in changed)
     bn_kinds = {type(m) for m in method.layers}
-    assert bn_kinds and all(issubclass(t, nn.modules.batchnorm._BatchNorm) for t in bn_kinds)
+    assert bn_kinds and all(issubclass(t, distributed.BATCH_NORM_TYPES) for t in bn_kinds)
 
 
 @pytest.mark.parametrize("kind", ["tent", "cafa"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -16,10 +16,7 @@ from lightning_transfer.test_time._norm import (
     tracking_state,
     use_batch_statistics,
 )
-from lightning_transfer.test_time.base import TestTimeAdaptation
-
-if TYPE_CHECKING:
-    from lightning_transfer.module import TransferModule
+from lightning_transfer.test_time.base import AdaptableModel, TestTimeAdaptation
 
 
 @register_test_time("bn_adapt")
@@ -42,11 +39,11 @@ class BNAdapt(TestTimeAdaptation):
         self.layers: list[nn.Module] = []
         self._tracking: list[tuple[nn.Module, bool]] = []
 
-    def check(self, module: TransferModule) -> None:
+    def check(self, module: AdaptableModel) -> None:
         self._batch_norms(module)
 
     @staticmethod
-    def _batch_norms(module: TransferModule) -> list[nn.Module]:
+    def _batch_norms(module: AdaptableModel) -> list[nn.Module]:
         _, layers = find_norm_layers(module, "batch")
         if not layers:
             raise ValueError(
@@ -55,17 +52,17 @@ class BNAdapt(TestTimeAdaptation):
             )
         return layers
 
-    def prepare(self, module: TransferModule, datamodule: Any) -> None:
+    def prepare(self, module: AdaptableModel, datamodule: Any) -> None:
         self.layers = self._batch_norms(module)
         check_test_batch_size(self, "batch", datamodule)
         self._tracking = tracking_state(self.layers)
         use_batch_statistics(self.layers)
 
-    def release(self, module: TransferModule) -> None:
+    def release(self, module: AdaptableModel) -> None:
         restore_tracking(self._tracking)
         self._tracking = []
 
-    def adapt(self, module: TransferModule, batch: Any) -> Tensor:
+    def adapt(self, module: AdaptableModel, batch: Any) -> Tensor:
         if not self.layers:
             raise RuntimeError("BNAdapt.adapt called before prepare(module, datamodule)")
         use_batch_statistics(self.layers)  # Lightning may have called eval() since the last batch
