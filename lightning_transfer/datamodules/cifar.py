@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from lightning_transfer.datamodules.coop_splits import clean_class_name
 from lightning_transfer.datamodules.corruption import CIFAR10_CLASSES
 from lightning_transfer.datamodules.files import FileListDataModule, Sample
+from lightning_transfer.datamodules.transforms import build_transform
 from lightning_transfer.registry import register_datamodule
 
 CIFAR100_CLASSES = [
@@ -99,8 +100,6 @@ class CIFARDataModule(FileListDataModule):
                 for split, (_, labels) in self._load_arrays().items()}
 
     def _dataset(self, samples: list[Sample], training: bool) -> Dataset:
-        from lightning_transfer.datamodules.folder import build_transform
-
         arrays = self._load_arrays()
         split = samples[0][0].split("/")[0] if samples else "test"
         index = np.array([int(s.split("/")[1]) for s, _ in samples], dtype=np.int64)

@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from lightning_transfer.datamodules.base import TransferDataModule, fewshot_indices, stratified_split
-from lightning_transfer.datamodules.files import image_channels
+from lightning_transfer.datamodules.transforms import image_channels
 from lightning_transfer.registry import register_datamodule
 
 Rng = np.random.Generator
