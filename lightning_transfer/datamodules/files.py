@@ -232,17 +232,13 @@ class FileListDataModule(TransferDataModule):
 
     def __init__(
         self,
+        *,
         augment: bool = True,
         cache_images: bool = False,
         val_fraction: float = 0.1,
-        data_dir: str | None = None,
-        batch_size: int = 32,
-        num_workers: int = 0,
-        num_shots: int | None = None,
-        seed: int = 1,
-        data_config: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(data_dir, batch_size, num_workers, num_shots, seed, data_config)
+        super().__init__(**kwargs)
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         self.augment, self.cache_images, self.val_fraction = augment, cache_images, val_fraction

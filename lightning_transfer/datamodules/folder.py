@@ -39,14 +39,9 @@ class ImageFolder(TransferDataModule):
         self,
         root: str,
         augment: bool = True,
-        data_dir: str | None = None,
-        batch_size: int = 32,
-        num_workers: int = 0,
-        num_shots: int | None = None,
-        seed: int = 1,
-        data_config: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(data_dir, batch_size, num_workers, num_shots, seed, data_config)
+        super().__init__(**kwargs)
         self.root = Path(root).expanduser()
         self.augment = augment
         train = self.root / "train"
