@@ -17,6 +17,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_transfer.datamodules.resumable import EpochShuffleSampler, ResumableDataLoader, shuffle_seed
 
+# the tasks a datamodule can declare (TransferDataModule.task); each picks its metrics in the module
+TASKS = ("classification", "anomaly_detection", "retrieval")
+
 
 def default_data_dir() -> str:
     return os.environ.get("LT_DATA_DIR", str(Path("~/.cache/lightning_transfer").expanduser()))
@@ -197,7 +200,9 @@ class TransferDataModule(LightningDataModule):
 
     @property
     def task(self) -> str:
-        return "multiclass"
+        """What the labels mean, which picks the metrics and the monitored value: ``"classification"`` (one class
+        per item; top-1/top-5 accuracy, ECE), ``"anomaly_detection"`` or ``"retrieval"`` (see :data:`TASKS`)."""
+        return "classification"
 
     def set_data_config(self, config: dict[str, Any]) -> None:
         self._data_config = dict(config)
