@@ -19,7 +19,7 @@ BUILT_DIRECTLY = [name for name, _ in DATAMODULES.items() if name != "class_subs
 def _build(name: str, **kwargs):
     """The datamodule ``name`` with placeholders for its required arguments: the counts are checked first."""
     cls = DATAMODULES.get(name)
-    required = {name: "placeholder" for name, is_required in cli_options(cls).items() if is_required}
+    required = {name: "placeholder" for name, option in cli_options(cls).items() if option.required}
     return cls(**required, **kwargs)
 
 
