@@ -17,6 +17,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_transfer.datamodules.resumable import EpochShuffleSampler, ResumableDataLoader, shuffle_seed
 
+# the tasks a datamodule can declare (TransferDataModule.task); each picks its metrics in the module
+TASKS = ("classification", "anomaly_detection", "retrieval")
+
 
 def default_data_dir() -> str:
     return os.environ.get("LT_DATA_DIR", str(Path("~/.cache/lightning_transfer").expanduser()))
@@ -134,13 +137,17 @@ def check_count(name: str, value: Any, minimum: int, fix: str, none_means: str =
 class TransferDataModule(LightningDataModule):
     """Base class of the datamodules.
 
+    Its options are keyword-only: a subclass takes its own options and forwards these as ``**kwargs``
+    (``super().__init__(**kwargs)``), which the CLI follows, so every datamodule lists them with these docs. A
+    subclass names one itself only where its default differs (``batch_size: int = 64``) and passes it on by keyword.
+
     Args:
         data_dir: where the data (and cached split lists) live; default ``$LT_DATA_DIR`` or
             ``~/.cache/lightning_transfer``.
         batch_size: batch size of every loader.
         num_workers: DataLoader workers.
-        num_shots: K-shot training set (K >= 1 images per class, drawn with ``seed``); ``None`` uses all training
-            data (0 is an error, not "all").
+        num_shots: K-shot training set (K >= 1 images per class, drawn with ``seed``; validation then has up to
+            ``min(K, 4)`` per class, as in CoOp); ``None`` uses all training data (0 is an error, not "all").
         seed: seed of the K-shot draw.
         data_config: preprocessing config (``input_size``, ``mean``, ``std``, ...); by default taken from the
             model's backbone when the Trainer starts.
@@ -148,6 +155,7 @@ class TransferDataModule(LightningDataModule):
 
     def __init__(
         self,
+        *,
         data_dir: str | None = None,
         batch_size: int = 32,
         num_workers: int = 0,
@@ -192,10 +200,17 @@ class TransferDataModule(LightningDataModule):
 
     @property
     def task(self) -> str:
-        return "multiclass"
+        """What the labels mean, which picks the metrics and the monitored value: ``"classification"`` (one class
+        per item; top-1/top-5 accuracy, ECE), ``"anomaly_detection"`` or ``"retrieval"`` (see :data:`TASKS`)."""
+        return "classification"
 
     def set_data_config(self, config: dict[str, Any]) -> None:
         self._data_config = dict(config)
+
+    def known_data_config(self) -> dict[str, Any] | None:
+        """The preprocessing config if it is known yet (given, set, or already taken from the backbone), else
+        ``None``; unlike :meth:`data_config` it never looks for a Trainer or raises."""
+        return dict(self._data_config) if self._data_config is not None else None
 
     def data_config(self) -> dict[str, Any]:
         if self._data_config is None:

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from lightning_transfer.datamodules.coop_splits import clean_class_name
 from lightning_transfer.datamodules.corruption import CIFAR10_CLASSES
 from lightning_transfer.datamodules.files import FileListDataModule, Sample
+from lightning_transfer.datamodules.transforms import build_transform
 from lightning_transfer.registry import register_datamodule
 
 CIFAR100_CLASSES = [
@@ -53,16 +54,14 @@ class ArrayImages(Dataset):
 class CIFARDataModule(FileListDataModule):
     """Base of CIFAR-10/100: torchvision's train (minus a validation hold-out) and test sets.
 
+    The 32x32 images are resized to the backbone's input size; the images are in memory already, so there is no
+    ``cache_images`` option. With ``num_shots`` validation has ``min(K, 4)`` images per class.
+
     Args:
         download: download the archive with torchvision (md5-checked) when it is missing.
-        augment: timm's random-resized-crop + flip on the training set.
-        val_fraction: share of each training class held out (seed 0) for validation.
         data_dir: folder holding ``cifar-10-batches-py`` / ``cifar-100-python``; default ``$LT_DATA_DIR``.
-        batch_size: batch size of every loader.
-        num_workers: DataLoader workers.
-        num_shots: K-shot training set (K per class; validation ``min(K, 4)`` per class); ``None`` uses all.
-        seed: seed of the K-shot draw.
-        data_config: preprocessing config; by default the backbone's (32x32 images are resized to its input size).
+        **kwargs: see :class:`~lightning_transfer.datamodules.files.FileListDataModule` (augment, val_fraction,
+            batch_size, num_shots, seed, ...).
     """
 
     tv_class: ClassVar[str] = ""
@@ -73,16 +72,10 @@ class CIFARDataModule(FileListDataModule):
     def __init__(
         self,
         download: bool = False,
-        augment: bool = True,
-        val_fraction: float = 0.1,
         data_dir: str | None = None,
-        batch_size: int = 32,
-        num_workers: int = 0,
-        num_shots: int | None = None,
-        seed: int = 1,
-        data_config: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(augment, False, val_fraction, data_dir, batch_size, num_workers, num_shots, seed, data_config)
+        super().__init__(cache_images=False, data_dir=data_dir, **kwargs)
         self.download = download
         self.root = None  # sample ids are hashed as they are
         self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -99,8 +92,6 @@ class CIFARDataModule(FileListDataModule):
                 for split, (_, labels) in self._load_arrays().items()}
 
     def _dataset(self, samples: list[Sample], training: bool) -> Dataset:
-        from lightning_transfer.datamodules.folder import build_transform
-
         arrays = self._load_arrays()
         split = samples[0][0].split("/")[0] if samples else "test"
         index = np.array([int(s.split("/")[1]) for s, _ in samples], dtype=np.int64)

@@ -63,8 +63,8 @@ class ClassSubset(TransferDataModule):
     def __init__(self, data: TransferDataModule, subset: Subset = "base") -> None:
         if subset not in ("base", "new", "all"):
             raise ValueError(f"subset must be 'base', 'new' or 'all', got {subset!r}")
-        super().__init__(str(data.data_dir), data.batch_size, data.num_workers, data.num_shots, data.seed,
-                         data._data_config)
+        super().__init__(data_dir=str(data.data_dir), batch_size=data.batch_size, num_workers=data.num_workers,
+                         num_shots=data.num_shots, seed=data.seed, data_config=data.known_data_config())
         self.data = data
         self.subset = subset
 
@@ -87,7 +87,7 @@ class ClassSubset(TransferDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        if self.data._data_config is None:
+        if self.data.known_data_config() is None:
             self.data.set_data_config(self.data_config())
         self.data.setup(stage or "fit")
         remap = {old: new for new, old in enumerate(self._labels())}

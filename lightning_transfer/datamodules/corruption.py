@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from lightning_transfer.datamodules.base import TransferDataModule, fewshot_indices, stratified_split
-from lightning_transfer.datamodules.files import image_channels
+from lightning_transfer.datamodules.transforms import image_channels
 from lightning_transfer.registry import register_datamodule
 
 Rng = np.random.Generator
@@ -432,7 +432,8 @@ class NpzImages(TransferDataModule):
         val_fraction: fraction of each training class held out for validation (with ``num_shots``, min(K, 4)
             images per class of it, as in CoOp).
         class_names: class names (default: CIFAR-10's when there are 10 classes, else "0", "1", ...).
-        **kwargs: see :class:`TransferDataModule` (batch_size, num_workers, num_shots, seed, data_config).
+        batch_size: batch size of every loader.
+        **kwargs: see :class:`TransferDataModule` (num_workers, num_shots, seed, data_config).
     """
 
     def __init__(
@@ -447,12 +448,9 @@ class NpzImages(TransferDataModule):
         val_fraction: float = 0.1,
         class_names: list[str] | None = None,
         batch_size: int = 200,
-        num_workers: int = 0,
-        num_shots: int | None = None,
-        seed: int = 1,
-        data_config: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(data_dir, batch_size, num_workers, num_shots, seed, data_config)
+        super().__init__(data_dir=data_dir, batch_size=batch_size, **kwargs)
         names = list(CORRUPTIONS) if corruptions == ["all"] else list(corruptions or [])
         self.severities = [5] if severities is None else list(severities)  # [] is an error, not the default
         if not self.severities:

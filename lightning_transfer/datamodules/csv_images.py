@@ -41,10 +41,8 @@ class CSVImages(FileListDataModule):
         csv_file: the CSV file.
         image_root: folder the relative image paths start from; default the CSV file's folder.
         class_names: the classes in label order (default: from the labels, see above).
-        augment: timm's random-resized-crop + flip on the training images.
-        cache_images: decode and resize the images once into memory (small sets only).
-        val_fraction: share of each training class held out when the file has no validation rows.
-        **kwargs: see :class:`~lightning_transfer.datamodules.files.FileListDataModule`.
+        **kwargs: see :class:`~lightning_transfer.datamodules.files.FileListDataModule` (augment, cache_images,
+            val_fraction: held out when the file has no validation rows; batch_size, num_shots, seed, ...).
     """
 
     def __init__(
@@ -52,18 +50,9 @@ class CSVImages(FileListDataModule):
         csv_file: str,
         image_root: str | None = None,
         class_names: list[str] | None = None,
-        augment: bool = True,
-        cache_images: bool = False,
-        val_fraction: float = 0.1,
-        data_dir: str | None = None,
-        batch_size: int = 32,
-        num_workers: int = 0,
-        num_shots: int | None = None,
-        seed: int = 1,
-        data_config: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(augment, cache_images, val_fraction, data_dir, batch_size, num_workers, num_shots, seed,
-                         data_config)
+        super().__init__(**kwargs)
         self.csv_file = Path(csv_file).expanduser()
         self.root = Path(image_root).expanduser() if image_root else self.csv_file.parent
         self._class_names = list(class_names) if class_names is not None else None

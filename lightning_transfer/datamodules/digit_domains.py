@@ -160,7 +160,8 @@ class DigitDomains(TransferDataModule):
         root: folder holding ``mnist/``, ``usps/`` and ``svhn/``; default ``data_dir``.
         download: fetch missing files with torchvision (MNIST, USPS libsvm, SVHN) in ``prepare_data``.
         val_fraction: share of each source class held out for validation.
-        **kwargs: see :class:`TransferDataModule`.
+        batch_size: batch size of every loader.
+        **kwargs: see :class:`TransferDataModule` (num_shots, seed, data_dir, ...).
     """
 
     def __init__(
@@ -170,14 +171,10 @@ class DigitDomains(TransferDataModule):
         root: str | None = None,
         download: bool = False,
         val_fraction: float = 0.1,
-        data_dir: str | None = None,
         batch_size: int = 128,
-        num_workers: int = 0,
-        num_shots: int | None = None,
-        seed: int = 1,
-        data_config: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(data_dir, batch_size, num_workers, num_shots, seed, data_config)
+        super().__init__(batch_size=batch_size, **kwargs)
         for name in (source, target):
             if name is not None and name not in DIGIT_SETS:
                 raise ValueError(f"unknown digit set {name!r}; choose one of {', '.join(DIGIT_SETS)}")

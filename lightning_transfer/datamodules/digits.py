@@ -47,14 +47,9 @@ class Digits(TransferDataModule):
         task: Literal["source", "target"] = "target",
         source_classes: list[int] | None = None,
         target_classes: list[int] | None = None,
-        data_dir: str | None = None,
-        batch_size: int = 32,
-        num_workers: int = 0,
-        num_shots: int | None = None,
-        seed: int = 1,
-        data_config: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(data_dir, batch_size, num_workers, num_shots, seed, data_config)
+        super().__init__(**kwargs)
         if task not in ("source", "target"):
             raise ValueError(f"task must be 'source' or 'target', got {task!r}")
         self.source_classes = list(source_classes if source_classes is not None else range(5))

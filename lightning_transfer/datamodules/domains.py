@@ -30,10 +30,8 @@ class DomainFolder(FileListDataModule):
         source: source domain name, or a list of names.
         target: target domain name; ``None`` tests on held-out source images.
         root: the dataset folder (holding one folder per domain); default ``<data_dir>/<folder>``.
-        augment: timm's random-resized-crop + flip on the training images.
-        cache_images: decode and resize the images once into memory (small sets only).
-        val_fraction: share of each source class held out for validation.
-        **kwargs: see :class:`~lightning_transfer.datamodules.files.FileListDataModule`.
+        **kwargs: see :class:`~lightning_transfer.datamodules.files.FileListDataModule` (augment, cache_images,
+            val_fraction: the share of each source class held out; batch_size, num_shots, seed, ...).
     """
 
     domains: tuple[str, ...] = ()
@@ -46,18 +44,9 @@ class DomainFolder(FileListDataModule):
         source: str | list[str],
         target: str | None = None,
         root: str | None = None,
-        augment: bool = True,
-        cache_images: bool = False,
-        val_fraction: float = 0.1,
-        data_dir: str | None = None,
-        batch_size: int = 32,
-        num_workers: int = 0,
-        num_shots: int | None = None,
-        seed: int = 1,
-        data_config: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(augment, cache_images, val_fraction, data_dir, batch_size, num_workers, num_shots, seed,
-                         data_config)
+        super().__init__(**kwargs)
         names = [source] if isinstance(source, str) else list(source)
         if not names:
             raise ValueError(f"{type(self).__name__}: give at least one source domain ({', '.join(self.domains)})")

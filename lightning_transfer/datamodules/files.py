@@ -20,6 +20,13 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from lightning_transfer.datamodules.base import TransferDataModule, fewshot_indices, split_digest, stratified_split
+from lightning_transfer.datamodules.transforms import (
+    build_transform,
+    direct_resize_transform,
+    eval_geometry,
+    image_channels,
+    interpolation_mode,
+)
 
 Sample = tuple[str, int]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -129,59 +136,19 @@ class ImageList(Dataset):
         return (self.transform(image) if self.transform is not None else image), label
 
 
-def image_channels(data_config: dict[str, Any]) -> int:
-    """The channels the backbone takes: 3 (RGB) or 1 (gray, PIL's "L" luma); any other count is an error."""
-    channels = int(data_config["input_size"][0])
-    if channels not in (1, 3):
-        raise ValueError(f"data_config input_size {tuple(data_config['input_size'])} asks for {channels} channels, "
-                         "but images are read as 1 (gray) or 3 (RGB) channels: build the backbone with 1 or 3 "
-                         "input channels or fix data_config's input_size")
-    return channels
-
-
-def with_channels(transform: Any, data_config: dict[str, Any]) -> Any:
-    """``transform`` after a conversion to gray when the backbone takes 1 channel (PIL images in)."""
-    from torchvision.transforms import Compose, Grayscale
-
-    return Compose([Grayscale(1), transform]) if image_channels(data_config) == 1 else transform
-
-
-def eval_geometry(data_config: dict[str, Any]) -> tuple[int, int, int]:
-    """(resize size of the shorter side, crop height, crop width) of timm's evaluation transform."""
-    _, h, w = data_config["input_size"]
-    crop_pct = float(data_config.get("crop_pct") or 1.0)
-    return math.floor(min(h, w) / crop_pct), h, w
-
-
-def _interpolation(data_config: dict[str, Any]) -> Any:
-    from torchvision.transforms import InterpolationMode
-
-    return {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
-            "nearest": InterpolationMode.NEAREST}.get(str(data_config.get("interpolation", "bilinear")),
-                                                      InterpolationMode.BILINEAR)
-
-
-def direct_resize_transform(data_config: dict[str, Any]) -> Any:
-    """Resize straight to ``input_size`` (no aspect-preserving resize, no crop) and normalise: the VTAB-1k transform."""
-    from torchvision.transforms import Compose, Normalize, Resize, ToTensor
-
-    _, h, w = data_config["input_size"]
-    return with_channels(Compose([Resize((h, w), interpolation=_interpolation(data_config)), ToTensor(),
-                                  Normalize(data_config["mean"], data_config["std"])]), data_config)
-
-
 def decode_uint8(path: str, data_config: dict[str, Any], direct_resize: bool = False) -> Tensor:
     """One image resized (shorter side) and centre-cropped like the evaluation transform: (C, H, W) uint8.
 
-    With ``direct_resize`` the image is resized straight to (H, W) instead, as :func:`direct_resize_transform`.
-    C is the backbone's channels: 3, or 1 (converted to gray first, as :func:`with_channels`). timm's ``crop_mode``
-    is followed: ``squash`` resizes both sides by 1 / crop_pct (no aspect ratio kept), ``border`` fits the long side
-    and pads with the mean, ``center`` (the default) resizes the short side.
+    With ``direct_resize`` the image is resized straight to (H, W) instead, as ``direct_resize_transform`` does. C is
+    the backbone's channels: 3, or 1 (converted to gray first, as ``with_channels`` does; both in
+    :mod:`~lightning_transfer.datamodules.transforms`). timm's ``crop_mode`` is followed: ``squash`` resizes both
+    sides by 1 / crop_pct (no aspect ratio kept), ``border`` fits the long side and pads with the mean, ``center``
+    (the default) resizes the short side.
     """
     from torchvision.transforms import CenterCrop, Resize
 
     size, h, w = eval_geometry(data_config)
-    mode = _interpolation(data_config)
+    mode = interpolation_mode(data_config)
     crop_pct = float(data_config.get("crop_pct") or 1.0)
     crop_mode = data_config.get("crop_mode") or "center"
     image = read_image(path)
@@ -265,17 +232,13 @@ class FileListDataModule(TransferDataModule):
 
     def __init__(
         self,
+        *,
         augment: bool = True,
         cache_images: bool = False,
         val_fraction: float = 0.1,
-        data_dir: str | None = None,
-        batch_size: int = 32,
-        num_workers: int = 0,
-        num_shots: int | None = None,
-        seed: int = 1,
-        data_config: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(data_dir, batch_size, num_workers, num_shots, seed, data_config)
+        super().__init__(**kwargs)
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         self.augment, self.cache_images, self.val_fraction = augment, cache_images, val_fraction
@@ -300,8 +263,6 @@ class FileListDataModule(TransferDataModule):
         return {"train": train, "val": val, "test": test}
 
     def _dataset(self, samples: list[Sample], training: bool) -> Dataset:
-        from lightning_transfer.datamodules.folder import build_transform
-
         cfg = self.data_config()
         if self.cache_images:
             return UInt8Cache(samples, cfg, flip=training and self.augment, direct_resize=self.direct_resize)

@@ -15,21 +15,9 @@ from lightning_transfer.datamodules.base import (
     split_digest,
     stratified_split,
 )
-from lightning_transfer.datamodules.files import read_image, with_channels
+from lightning_transfer.datamodules.files import read_image
+from lightning_transfer.datamodules.transforms import build_transform
 from lightning_transfer.registry import register_datamodule
-
-
-def build_transform(data_config: dict[str, Any], training: bool, augment: bool) -> Any:
-    """timm's standard transforms from the backbone's data config (random-resized-crop + flip when augmenting).
-
-    A 1-channel backbone gets gray images (PIL's "L"), converted before timm's transform. ``crop_mode`` (timm's
-    ``center``, ``squash`` or ``border``) chooses the evaluation geometry, as timm's own pipeline does.
-    """
-    from timm.data import create_transform
-
-    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
-    cfg = {k: data_config[k] for k in keys if k in data_config}
-    return with_channels(create_transform(**cfg, is_training=training and augment), data_config)
 
 
 @register_datamodule("image_folder")
@@ -51,14 +39,9 @@ class ImageFolder(TransferDataModule):
         self,
         root: str,
         augment: bool = True,
-        data_dir: str | None = None,
-        batch_size: int = 32,
-        num_workers: int = 0,
-        num_shots: int | None = None,
-        seed: int = 1,
-        data_config: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(data_dir, batch_size, num_workers, num_shots, seed, data_config)
+        super().__init__(**kwargs)
         self.root = Path(root).expanduser()
         self.augment = augment
         train = self.root / "train"

@@ -39,9 +39,10 @@ class ImageNetC(FileListDataModule):
         clean_dir: clean images in ``<wnid>/<image>`` folders, split into training and validation sets.
         classnames: a text file of lines ``<wnid> <class name>`` (CoOp's ``classnames.txt``) naming every class;
             relative to ``data_dir``. Without it the class names are the WordNet ids (fine for a linear head).
-        cache_images: decode and resize the images once into memory.
-        val_fraction: share of each clean class held out for validation.
-        **kwargs: see :class:`~lightning_transfer.datamodules.files.FileListDataModule`.
+        batch_size: batch size of every loader.
+        **kwargs: see :class:`~lightning_transfer.datamodules.files.FileListDataModule` (cache_images,
+            val_fraction: the share of each clean class held out; num_shots, seed, ...). There is no ``augment``:
+            every image goes through the evaluation transform.
     """
 
     class_names_fix = ("pass data.init_args.classnames, a file of lines '<wnid> <class name>' such as CoOp's "
@@ -55,17 +56,10 @@ class ImageNetC(FileListDataModule):
         images_per_class: int | None = None,
         clean_dir: str | None = None,
         classnames: str | None = None,
-        cache_images: bool = False,
-        val_fraction: float = 0.1,
-        data_dir: str | None = None,
         batch_size: int = 64,
-        num_workers: int = 0,
-        num_shots: int | None = None,
-        seed: int = 1,
-        data_config: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(False, cache_images, val_fraction, data_dir, batch_size, num_workers, num_shots, seed,
-                         data_config)
+        super().__init__(augment=False, batch_size=batch_size, **kwargs)
         names = list(CORRUPTIONS) if corruptions in (None, ["all"]) else list(corruptions)
         for name in names:
             if name not in CORRUPTIONS + EXTRA_CORRUPTIONS:

@@ -73,8 +73,9 @@ class TextCSV(FileListDataModule):
         class_names: the classes in label order (default: from the labels, see above).
         tokenizer: a folder (or hub name) with the tokenizer; default the backbone's ``model_name_or_path``.
         max_length: truncate texts to this many tokens; default the backbone's maximum.
-        val_fraction: share of each training class held out when the file has no validation rows.
-        **kwargs: see :class:`~lightning_transfer.datamodules.base.TransferDataModule`.
+        **kwargs: see :class:`~lightning_transfer.datamodules.files.FileListDataModule` (val_fraction: held out when
+            the file has no validation rows; batch_size, num_shots, seed, ...). Texts have no ``augment`` or
+            ``cache_images``.
     """
 
     modality = "text"
@@ -89,15 +90,9 @@ class TextCSV(FileListDataModule):
         class_names: list[str] | None = None,
         tokenizer: str | None = None,
         max_length: int | None = None,
-        val_fraction: float = 0.1,
-        data_dir: str | None = None,
-        batch_size: int = 32,
-        num_workers: int = 0,
-        num_shots: int | None = None,
-        seed: int = 1,
-        data_config: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(False, False, val_fraction, data_dir, batch_size, num_workers, num_shots, seed, data_config)
+        super().__init__(augment=False, cache_images=False, **kwargs)
         if max_length is not None and max_length < 2:
             raise ValueError(f"max_length must be at least 2 (a [CLS] token and one more), got {max_length}")
         self.csv_file = Path(csv_file).expanduser()

@@ -40,15 +40,9 @@ class BenchmarkDataModule(FileListDataModule):
         download: download the images with torchvision when they are missing (not the CoOp split file).
         split_file: path of the CoOp split file; default ``split_zhou_<Dataset>.json`` in the dataset folder
             (FGVCAircraft and ImageNet have no split file and ignore it).
-        augment: timm's random-resized-crop + flip on the training set.
-        cache_images: decode and resize every image once into memory (K-shot training sets).
-        val_fraction: share of each training class held out for validation where the split has no validation list.
         data_dir: the root holding the dataset folders; default ``$LT_DATA_DIR`` or ``~/.cache/lightning_transfer``.
-        batch_size: batch size of every loader.
-        num_workers: DataLoader workers.
-        num_shots: K-shot training set (K per class; validation ``min(K, 4)`` per class); ``None`` uses all.
-        seed: seed of the K-shot draw.
-        data_config: preprocessing config; by default the backbone's.
+        **kwargs: see :class:`~lightning_transfer.datamodules.files.FileListDataModule` (augment, cache_images for
+            K-shot training sets, val_fraction, batch_size, num_shots, seed, ...).
     """
 
     coop_dir: ClassVar[str] = ""  # dataset folder in CoOp's layout, under data_dir
@@ -66,18 +60,10 @@ class BenchmarkDataModule(FileListDataModule):
         protocol: SplitProtocol = "coop",
         download: bool = False,
         split_file: str | None = None,
-        augment: bool = True,
-        cache_images: bool = False,
-        val_fraction: float = 0.1,
         data_dir: str | None = None,
-        batch_size: int = 32,
-        num_workers: int = 0,
-        num_shots: int | None = None,
-        seed: int = 1,
-        data_config: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(augment, cache_images, val_fraction, data_dir, batch_size, num_workers, num_shots, seed,
-                         data_config)
+        super().__init__(data_dir=data_dir, **kwargs)
         name = type(self).__name__
         if protocol not in ("coop", "torchvision"):
             raise ValueError(f"{name}: protocol must be 'coop' or 'torchvision', got {protocol!r}")

@@ -124,6 +124,7 @@ class VTAB1k(FileListDataModule):
             in the tune mode; in the final mode the test split is cached too (tens of thousands of images for some
             tasks).
         class_names: names of the classes (default ``"0"``, ``"1"``, ...; the prepared lists carry only indices).
+        batch_size: batch size of every loader.
         **kwargs: see :class:`~lightning_transfer.datamodules.files.FileListDataModule`.
     """
 
@@ -136,14 +137,12 @@ class VTAB1k(FileListDataModule):
         augment: bool = False,
         cache_images: bool = False,
         class_names: list[str] | None = None,
-        data_dir: str | None = None,
         batch_size: int = 64,
-        num_workers: int = 0,
-        num_shots: int | None = None,
-        seed: int = 1,
-        data_config: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(augment, cache_images, 0.1, data_dir, batch_size, num_workers, num_shots, seed, data_config)
+        # every mode has a validation list: no hold-out, so no val_fraction option
+        super().__init__(augment=augment, cache_images=cache_images, val_fraction=0.1, batch_size=batch_size,
+                         **kwargs)
         self.task_name = vtab_task(task)
         if mode not in _LISTS:
             raise ValueError(f"mode must be 'tune' (train800 -> val200) or 'final' (train800val200 -> test), "

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 import pytest
 
@@ -11,6 +9,7 @@ from lightning_transfer.datamodules import Digits
 from lightning_transfer.datamodules.corruption import NpzImages
 from lightning_transfer.datamodules.imagenet_c import ImageNetC
 from lightning_transfer.registry import DATAMODULES
+from tests.datamodules.cases import cli_options
 
 CFG = {"input_size": (1, 8, 8), "mean": (0.3,), "std": (0.35,)}
 # class_subset wraps another datamodule and takes its counts from it (checked when that one is built)
@@ -20,8 +19,7 @@ BUILT_DIRECTLY = [name for name, _ in DATAMODULES.items() if name != "class_subs
 def _build(name: str, **kwargs):
     """The datamodule ``name`` with placeholders for its required arguments: the counts are checked first."""
     cls = DATAMODULES.get(name)
-    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
-    required = {p.name: "placeholder" for p in params if p.default is inspect.Parameter.empty}
+    required = {name: "placeholder" for name, option in cli_options(cls).items() if option.required}
     return cls(**required, **kwargs)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import inspect
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from lightning_transfer.datamodules.base import TransferDataModule
 from lightning_transfer.datamodules.vtab import VTAB_TASKS
 from lightning_transfer.registry import DATAMODULES
 from tests.conftest import REPO
+from tests.datamodules.cases import cli_options
 
 DATA_CONFIGS = sorted((REPO / "configs" / "data").rglob("*.yaml"))
 BACKBONE = str(REPO / "configs" / "backbone" / "digits_vit.yaml")
@@ -37,12 +37,22 @@ def _resolve(class_path: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-def _parameters(cls: type) -> dict[str, inspect.Parameter]:
-    params = dict(inspect.signature(cls.__init__).parameters)
-    params.pop("self")
-    assert not any(p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in params.values()), (
-        f"{cls.__name__}.__init__ takes *args/**kwargs: the CLI cannot list or check its options")
+def _parameters(cls: type) -> dict[str, bool]:
+    """The CLI's options of ``cls`` (its own and those it forwards by ``**kwargs``), each with "required"."""
+    params = {name: option.required for name, option in cli_options(cls).items()}
+    for name in ("batch_size", "num_shots", "seed"):
+        assert cls.__name__ == "ClassSubset" or name in params, (
+            f"{cls.__name__}: the CLI lists no {name!r}: forward the base options with super().__init__(**kwargs)")
     return params
+
+
+def _reached(parsed, value) -> bool:
+    """``parsed`` (the CLI's) is the YAML's ``value``; a nested component (ClassSubset's ``data``) by its class and
+    each init_arg the YAML gives (the parsed one also holds the defaults)."""
+    if isinstance(value, dict) and "class_path" in value:
+        return _resolve(parsed.class_path) is _resolve(value["class_path"]) and all(
+            _reached(parsed.init_args[k], v) for k, v in (value.get("init_args") or {}).items())
+    return parsed == value
 
 
 @pytest.mark.parametrize("path", DATA_CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs" / "data")))
@@ -56,12 +66,12 @@ def test_data_config_parses_and_instantiates_without_data(path: Path):
     unknown = sorted(set(init_args) - set(params))
     assert not unknown, f"{path.name} names {unknown}, which {cls.__name__}.__init__ does not take"
     # arguments without a default (a dataset path) are given on the command line, as a user would
-    required = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in init_args]
+    required = [n for n, is_required in params.items() if is_required and n not in init_args]
     given = [f"--data.init_args.{n}=placeholder_{n}" for n in required]
     cli = _ParseOnly(args=["--config", BACKBONE, "--config", str(path), "--trainer.logger=false", *given], run=False)
     assert _resolve(cli.config.data.class_path) is cls
     for name, value in init_args.items():
-        assert cli.config.data.init_args[name] == value, f"{path.name}: {name} did not reach the parsed config"
+        assert _reached(cli.config.data.init_args[name], value), f"{path.name}: {name} did not reach the parsed config"
 
     parser = LightningArgumentParser()
     parser.add_lightning_class_args(TransferDataModule, "data", subclass_mode=True)

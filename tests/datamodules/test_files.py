@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from lightning_transfer.datamodules.files import FileListDataModule, ImageList, UInt8Cache, missing_files
-from lightning_transfer.datamodules.folder import build_transform
+from lightning_transfer.datamodules.transforms import build_transform, direct_resize_transform
 
 CFG = {"input_size": (3, 32, 32), "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3), "crop_pct": 0.875,
        "interpolation": "bicubic"}
@@ -116,8 +116,6 @@ GRAY_CFG = {**CFG, "input_size": (1, 32, 32), "mean": (0.45,), "std": (0.25,)}
 
 
 def test_one_channel_backbones_get_gray_images_cached_or_not(tmp_path):
-    from lightning_transfer.datamodules.files import direct_resize_transform
-
     samples = _images(tmp_path, classes=1, per_class=3)
     plain = ImageList(samples, build_transform(GRAY_CFG, training=False, augment=True))
     cached = UInt8Cache(samples, GRAY_CFG)
