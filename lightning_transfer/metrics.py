@@ -209,7 +209,6 @@ TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (Classification, Anomal
 
 
 def get_task(name: str) -> Task:
-    name = "classification" if name == "multiclass" else name  # the name datamodules once declared
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}: choose one of {', '.join(TASKS)} (the datamodule declares it; the "
                          "CLI links data.task into model.task)")

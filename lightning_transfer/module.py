@@ -1,12 +1,7 @@
-"""TransferModule: backbone + adaptation strategy + head (+ test-time method). It composes and delegates:
-
-- the strategy computes the training loss (:meth:`AdaptationStrategy.training_loss`) from whatever batch its
-  datamodule yields, and owns its parameter groups;
-- :mod:`~lightning_transfer.metrics` gives the metrics of the datamodule's task;
-- :mod:`~lightning_transfer.checkpointing` decides what a checkpoint holds and whether one fits;
-- :mod:`~lightning_transfer.test_time.session` runs the test-time method over ``trainer.test``;
-- a head that fits in closed form is fitted by :func:`~lightning_transfer.heads.fit_closed_form_head`.
-"""
+"""TransferModule: backbone + adaptation strategy + head (+ test-time method). It composes and delegates: the
+strategy computes the training loss from whatever its datamodule yields and owns its parameter groups; ``metrics``
+gives the task's metrics; ``checkpointing`` decides what a checkpoint holds and whether one fits; the test-time
+session runs the test-time method; a closed-form head is fitted by ``heads.fit_closed_form_head``."""
 
 from __future__ import annotations
 
@@ -230,9 +225,8 @@ class TransferModule(LightningModule):
 
     # ---- parameters and checkpoints ----------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
-        return {"trainable": trainable, "total": total}
+        params = list(self.parameters())
+        return {"trainable": sum(p.numel() for p in params if p.requires_grad), "total": sum(p.numel() for p in params)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainer = _trainer_of(self)

@@ -60,12 +60,12 @@ class QuietByDesign(Callback):
                                 "no optimizer", category=UserWarning)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._leave()
+        self._restore_filters()
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._leave()  # a fit that failed before its first batch
+        self._restore_filters()  # a fit that failed before its first batch
 
-    def _leave(self) -> None:
+    def _restore_filters(self) -> None:
         if self.quiet is not None:
             self.quiet.__exit__(None, None, None)
             self.quiet = None

@@ -40,7 +40,8 @@ class ThrottledProgressBar(TQDMProgressBar):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self._train_batches = batch_idx + 1
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._due(self.train_progress_bar, batch_idx):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # an epoch cut short (max_steps) or of unknown length may have skipped its last redraws: show the true count
@@ -58,11 +59,27 @@ class ThrottledProgressBar(TQDMProgressBar):
             metrics["train/loss"] = loss
         return metrics
 
-    def _should_update(self, current: int, total: int) -> bool:  # every bar's batch-end hook asks this
-        if not super()._should_update(current, total):
+    def _due(self, bar: Any, batch_idx: int) -> bool:
+        """Redraw now: at a loop's last batch, or once ``refresh_seconds`` have passed since the last redraw."""
+        if bar is None or bar.disable:
             return False
         now = time.monotonic()
-        if current == total or now - self._last_redraw >= self.refresh_seconds:
+        if batch_idx + 1 == bar.total or now - self._last_redraw >= self.refresh_seconds:
             self._last_redraw = now
             return True
         return False
+
+    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._due(self.val_progress_bar, batch_idx):
+            super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._due(self.test_progress_bar, batch_idx):
+            super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+    def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._due(self.predict_progress_bar, batch_idx):
+            super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)

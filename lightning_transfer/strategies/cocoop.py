@@ -55,7 +55,7 @@ class CoCoOp(CoOp):
         vis_dim = as_clip(backbone).projection_dim
         hidden = self.meta_hidden or max(1, vis_dim // 16)
         self.meta_net = meta_net(vis_dim, hidden, as_clip(backbone).text_width)
-        self.meta_net.to(self._device(backbone))
+        self.meta_net.to(self._device_of(backbone))
 
     def forward(self, backbone: Backbone, head: nn.Module | None, inputs: Tensor) -> Tensor:
         assert self.meta_net is not None

@@ -142,7 +142,7 @@ class CoOp(AdaptationStrategy):
                 raise ValueError(f"ctx_init {self.ctx_init!r} is {len(ids)} tokens but n_ctx={self.n_ctx}: set "
                                  f"n_ctx: {len(ids)} (the context is initialised from those token embeddings)")
             with torch.no_grad():
-                init = as_clip(backbone).token_embedding(torch.tensor(ids, device=self._device(backbone)))
+                init = as_clip(backbone).token_embedding(torch.tensor(ids, device=self._device_of(backbone)))
             ctx = init.detach().clone().float().unsqueeze(0).repeat(rows, 1, 1)  # (rows, M, D)
         else:
             ctx = torch.empty(rows, self.n_ctx, width).normal_(0.0, self.init_std)
@@ -154,7 +154,7 @@ class CoOp(AdaptationStrategy):
         """Hook for subclasses that add modules next to the context (CoCoOp's meta-net)."""
 
     @staticmethod
-    def _device(backbone: Backbone) -> torch.device:
+    def _device_of(backbone: Backbone) -> torch.device:
         return next(backbone.parameters()).device
 
     # ---- prompts ------------------------------------------------------------------------------------------
