@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from lightning_transfer.__main__ import main
-
+from lightning_transfer.bench import main as bench_main
 from lightning_transfer.cli import TransferCLI
 from lightning_transfer.registry import STRATEGIES
 
@@ -38,8 +38,8 @@ def source_backbone() -> Path:
 def run() -> None:
     weights = source_backbone()
     names = [n for n, cls in STRATEGIES.items() if not cls.needs_text_tower and not cls.trains_nothing]
-    main(["bench", "--config", str(TARGET_CONFIG), "--strategies", ",".join(names), "--seeds", "3",
-          "--output", str(OUTPUT), *sys.argv[1:], "--", f"--model.backbone.init_args.checkpoint_path={weights}"])
+    bench_main(["--config", str(TARGET_CONFIG), "--strategies", ",".join(names), "--seeds", "3",
+                "--output", str(OUTPUT), *sys.argv[1:], "--", f"--model.backbone.init_args.checkpoint_path={weights}"])
     print(f"results: {OUTPUT}/results.md and {OUTPUT}/pareto.png (the README's table and docs/bench_digits_pareto.png)")
 
 

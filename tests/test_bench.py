@@ -8,7 +8,8 @@ import math
 
 import pytest
 
-from lightning_transfer.bench import aggregate, main
+from lightning_transfer.bench import main
+from lightning_transfer.bench.tables import aggregate
 from tests.conftest import REPO
 
 
@@ -121,7 +122,7 @@ def test_a_stopped_runner_stops_its_worker(monkeypatch):
     import sys
     import threading
 
-    from lightning_transfer import bench
+    from lightning_transfer.bench import runner
 
     started: list[subprocess.Popen] = []
 
@@ -130,13 +131,13 @@ def test_a_stopped_runner_stops_its_worker(monkeypatch):
             super().__init__(*args, **kwargs)
             started.append(self)
 
-    monkeypatch.setattr(bench, "_worker_command", lambda spec: [sys.executable, "-c", "import time; time.sleep(60)"])
-    monkeypatch.setattr(bench.subprocess, "Popen", Recorded)
+    monkeypatch.setattr(runner, "_worker_command", lambda spec: [sys.executable, "-c", "import time; time.sleep(60)"])
+    monkeypatch.setattr(runner.subprocess, "Popen", Recorded)
     timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
     timer.start()
     try:
-        with pytest.raises(SystemExit) as stopped, bench._terminate_as_exit():
-            bench._run_worker({})
+        with pytest.raises(SystemExit) as stopped, runner._terminate_as_exit():
+            runner._run_worker({})
     finally:
         timer.cancel()
     assert stopped.value.code == 128 + signal.SIGTERM
@@ -196,13 +197,13 @@ def test_bench_test_time_methods_error_per_corruption(tmp_path, capsys):
 
 
 def test_bench_test_time_source_row_runs_no_method_and_the_checkpoint_is_read_first(tmp_path):
-    from lightning_transfer import bench_tta
-    from lightning_transfer.bench import resolved_config
+    from lightning_transfer.bench import test_time
+    from lightning_transfer.bench.config import resolved_config
 
     base = tmp_path / "tta.yaml"
     base.write_text(TTA_BASE.replace("DATA", str(tmp_path)))
     tent = str(REPO / "configs/test_time/tent.yaml")
-    specs = bench_tta.jobs(["bn_adapt"], 1, [str(base), tent], REPO / "configs/test_time", tmp_path / "out", [], None)
+    specs = test_time.jobs(["bn_adapt"], 1, [str(base), tent], REPO / "configs/test_time", tmp_path / "out", [], None)
     source = specs[0]
     assert source["strategy"] == "source"  # a base config that sets Tent: the source row still runs none
     assert "Tent" not in resolved_config(source["configs"], source["overrides"], 1, tmp_path)
@@ -215,7 +216,7 @@ def test_bench_test_time_source_row_runs_no_method_and_the_checkpoint_is_read_fi
 
 
 def test_tables_can_omit_accuracy_for_random_weight_runs(tmp_path):
-    from lightning_transfer.bench import write_tables
+    from lightning_transfer.bench.tables import write_tables
 
     table = aggregate([{"strategy": "a", "status": "ok", "top1": 0.1, "trainable_params": 5,
                         "saved_for_backward_mb": 3.0}], ["a"])
@@ -230,7 +231,7 @@ def test_tables_can_omit_accuracy_for_random_weight_runs(tmp_path):
 def test_inference_timing_respects_an_integer_test_batch_limit():
     from types import SimpleNamespace
 
-    from lightning_transfer.bench import _test_batch_budget
+    from lightning_transfer.bench.row import _test_batch_budget
 
     assert _test_batch_budget(SimpleNamespace(limit_test_batches=4)) == 4
     assert _test_batch_budget(SimpleNamespace(limit_test_batches=1)) == 2  # one warm-up batch + one timed
@@ -244,7 +245,7 @@ def test_pareto_labels_of_crowded_points_do_not_overlap():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lightning_transfer.bench import place_labels
+    from lightning_transfer.bench.plot import place_labels
 
     fig, ax = plt.subplots(figsize=(5, 4))
     crowded = [(5.0 + 0.1 * i, 40.0 + 0.2 * i, f"strategy_{i}") for i in range(6)]  # within one label's size

@@ -11,7 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_transfer.bench import _inference_throughput, _names, main, row_metrics, run_one
+from lightning_transfer.bench import main
+from lightning_transfer.bench.command import _names
+from lightning_transfer.bench.row import _inference_throughput, row_metrics, run_one
 from lightning_transfer.registry import STRATEGIES, TEST_TIME
 from tests.conftest import REPO
 
@@ -117,15 +119,15 @@ def test_strategy_names_are_taken_as_the_registry_spells_them(tmp_path):
 
 
 def test_a_second_runner_into_the_same_output_stops_before_running(tmp_path):
-    from lightning_transfer.bench import _only_runner
+    from lightning_transfer.bench.runner import only_runner
 
     out = tmp_path / "out"
-    with _only_runner(out):  # a first bench run holds the output
+    with only_runner(out):  # a first bench run holds the output
         with pytest.raises(SystemExit, match=r"in use by another bench run \(pid \d+\).*Nothing has run"):
             main(["--config", str(REPO / "configs/quickstart.yaml"), "--strategies", "linear_probe", "--seeds", "1",
                   "--output", str(out), "--strategy-configs", str(REPO / "configs/strategy"), "--no-wandb"])
     assert not (out / "rows").exists()
-    with _only_runner(out):  # released when the first ends
+    with only_runner(out):  # released when the first ends
         pass
 
 
@@ -138,14 +140,14 @@ def test_a_runner_killed_outright_takes_its_worker_with_it():
 
     runner_code = """
 import subprocess, sys
-from lightning_transfer import bench
-bench._worker_command = lambda spec: [sys.executable, "-c", "import time; time.sleep(60)"]
+from lightning_transfer.bench import runner
+runner._worker_command = lambda spec: [sys.executable, "-c", "import time; time.sleep(60)"]
 class Shown(subprocess.Popen):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         print(self.pid, flush=True)
-bench.subprocess.Popen = Shown
-bench._run_worker({})
+runner.subprocess.Popen = Shown
+runner._run_worker({})
 """
     runner = subprocess.Popen([sys.executable, "-c", runner_code], stdout=subprocess.PIPE, text=True, cwd=REPO)
     worker = int(runner.stdout.readline())
@@ -172,7 +174,7 @@ bench._run_worker({})
 def test_rows_say_whether_the_commit_had_uncommitted_changes(monkeypatch):
     import subprocess
 
-    from lightning_transfer import bench
+    from lightning_transfer.bench import row
 
     def fake_git(status_out: str):
         def run(args, **kwargs):
@@ -180,16 +182,16 @@ def test_rows_say_whether_the_commit_had_uncommitted_changes(monkeypatch):
             return subprocess.CompletedProcess(args, 0, stdout=out, stderr="")
         return run
 
-    monkeypatch.setattr(bench.subprocess, "run", fake_git(" M lightning_transfer/bench.py\n"))
-    assert bench._environment()["git_commit"] == "abc123" and bench._environment()["git_dirty"] is True
-    monkeypatch.setattr(bench.subprocess, "run", fake_git(""))
-    assert bench._environment()["git_dirty"] is False
+    monkeypatch.setattr(row.subprocess, "run", fake_git(" M lightning_transfer/bench/row.py\n"))
+    assert row.environment()["git_commit"] == "abc123" and row.environment()["git_dirty"] is True
+    monkeypatch.setattr(row.subprocess, "run", fake_git(""))
+    assert row.environment()["git_dirty"] is False
 
 
 def test_test_time_rows_read_the_source_checkpoint_as_tensors_only(tmp_path, monkeypatch):
     from lightning.pytorch import Trainer
 
-    from lightning_transfer.bench_tta import run_tta
+    from lightning_transfer.bench.test_time import run_tta
 
     seen = {}
 
@@ -206,7 +208,7 @@ def test_the_wandb_table_says_what_was_compared_and_leaves_out_omitted_accuracy(
     import sys
     from types import SimpleNamespace
 
-    from lightning_transfer import bench
+    from lightning_transfer.bench import command
 
     logged: dict = {}
 
@@ -225,7 +227,7 @@ def test_the_wandb_table_says_what_was_compared_and_leaves_out_omitted_accuracy(
 
     fake = SimpleNamespace(init=init, Table=lambda columns, data: {"columns": columns, "data": data})
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    monkeypatch.setattr(bench, "run_jobs", lambda specs: [
+    monkeypatch.setattr(command, "run_jobs", lambda specs: [
         {"strategy": "linear_probe", "seed": 1, "status": "ok", "top1": 0.5, "trainable_params": 325}])
     main(["--config", str(REPO / "configs/quickstart.yaml"), "--strategies", "linear_probe", "--seeds", "1",
           "--output", str(tmp_path / "out"), "--strategy-configs", str(REPO / "configs/strategy"), "--omit-accuracy",
@@ -241,20 +243,21 @@ def test_the_wandb_table_says_what_was_compared_and_leaves_out_omitted_accuracy(
 def test_a_weights_file_written_again_makes_finished_rows_stale(tmp_path, monkeypatch):
     import os
 
-    from lightning_transfer import bench
+    from lightning_transfer.bench import config as bench_config
+    from lightning_transfer.bench import runner
 
     weights = tmp_path / "backbone.safetensors"
     weights.write_bytes(b"first export")
     configs = [str(REPO / "configs/quickstart.yaml"), str(REPO / "configs/strategy/linear_probe.yaml")]
     overrides = [f"--model.backbone.init_args.checkpoint_path={weights}"]
     out = tmp_path / "out"
-    config = bench.resolved_config(configs, overrides, 1, out / "runs" / "linear_probe_seed1")
-    assert list(bench.input_files(config)) == ["model.backbone.init_args.checkpoint_path"]
+    config = bench_config.resolved_config(configs, overrides, 1, out / "runs" / "linear_probe_seed1")
+    assert list(bench_config.input_files(config)) == ["model.backbone.init_args.checkpoint_path"]
     (out / "rows").mkdir(parents=True)
     row = out / "rows" / "linear_probe_seed1.json"
     row.write_text(json.dumps({"strategy": "linear_probe", "seed": 1, "status": "ok", "top1": 0.5, "config": config,
-                               "input_files": bench.input_files(config)}))
-    monkeypatch.setattr(bench, "_run_worker", lambda spec: pytest.fail("a finished row was run again"))
+                               "input_files": bench_config.input_files(config)}))
+    monkeypatch.setattr(runner, "_run_worker", lambda spec: pytest.fail("a finished row was run again"))
     argv = ["--config", configs[0], "--strategies", "linear_probe", "--seeds", "1", "--output", str(out),
             "--strategy-configs", str(REPO / "configs/strategy"), "--no-wandb", "--", *overrides]
     main(argv)  # the same file: the row is reused
@@ -274,13 +277,13 @@ def test_inference_timing_of_a_test_set_of_one_batch_is_measured():
 
 
 def test_the_tables_say_when_top1_is_a_mean_over_test_sets(tmp_path):
-    from lightning_transfer.bench import _test_sets_note, aggregate, write_tables
+    from lightning_transfer.bench.tables import aggregate, note_on_test_sets, write_tables
 
     rows = [{"strategy": "a", "seed": 1, "status": "ok", "top1": 0.4,
              "top1_per_test_set": {"fog-5": 0.2, "snow-5": 0.6}}]
-    note = _test_sets_note(rows)
+    note = note_on_test_sets(rows)
     assert note.startswith("top-1 is the mean over 2 test sets (fog-5, snow-5")
     write_tables(aggregate(rows, ["a"]), tmp_path, note=note)
     assert note in (tmp_path / "results.md").read_text()
     assert "Top-1 is the mean over 2 test sets" in (tmp_path / "results.tex").read_text()
-    assert _test_sets_note([{"strategy": "a", "status": "ok", "top1": 0.4}]) == ""
+    assert note_on_test_sets([{"strategy": "a", "status": "ok", "top1": 0.4}]) == ""

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from lightning_transfer.bench import aggregate, main, write_tables
-from lightning_transfer.bench_summary import latex_escape
+from lightning_transfer.bench import main
+from lightning_transfer.bench.tables import aggregate, latex_escape, write_tables
 from lightning_transfer.datamodules.vtab import VTAB_TASKS, vtab_means
 
 
@@ -121,7 +121,7 @@ def test_results_tex_escapes_names_and_bolds_the_best(tmp_path):
 
 
 def test_test_time_tex_bolds_the_lowest_error(tmp_path):
-    from lightning_transfer.bench_tta import write_tta_tables
+    from lightning_transfer.bench.test_time import write_tta_tables
 
     table = [{"method": "source", "seeds": 1, "gauss-5": 0.6, "mean_error": 0.6, "mean_error_std": None,
               "error": None},
@@ -132,7 +132,7 @@ def test_test_time_tex_bolds_the_lowest_error(tmp_path):
 
 
 def test_millions_is_positional_with_three_significant_digits():
-    from lightning_transfer.bench_summary import millions
+    from lightning_transfer.bench.tables import millions
 
     assert [millions(n) for n in (85_802_501, 298_757, 3_846, 325, 0)] == ["85.80", "0.299", "0.00385", "0.000325",
                                                                          "0"]

@@ -21,6 +21,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from lightning_transfer.bench.config import flat_config
+from lightning_transfer.bench.tables import accuracy_cell, best_per_column, latex_escape, latex_table, millions
 from lightning_transfer.datamodules.vtab import VTAB_GROUPS, VTAB_TASKS, vtab_means, vtab_task
 
 # settings that may differ between the datasets of one strategy without making the columns incomparable: the data
@@ -28,48 +30,6 @@ from lightning_transfer.datamodules.vtab import VTAB_GROUPS, VTAB_TASKS, vtab_me
 _PER_DATASET = ("data.", "model.init_args.num_classes", "trainer.default_root_dir", "seed_everything")
 
 
-# ---- LaTeX (shared with bench's results.tex) ---------------------------------------------------------------------
-_LATEX_SPECIAL = str.maketrans({"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
-                                "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
-                                "^": r"\textasciicircum{}"})
-
-
-def latex_escape(text: str) -> str:
-    """``text`` with LaTeX's special characters escaped (one pass, so an inserted brace is never escaped again)."""
-    return text.translate(_LATEX_SPECIAL)
-
-
-def latex_table(header: list[str], lines: list[list[str]], caption: str) -> str:
-    """A booktabs table (``\\usepackage{booktabs}``): escaped header, cells as given (already LaTeX)."""
-    spec = "l" + "r" * (len(header) - 1)
-    out = [r"\begin{table}[t]", r"\centering", rf"\caption{{{latex_escape(caption)}}}", rf"\begin{{tabular}}{{{spec}}}",
-           r"\toprule", " & ".join(latex_escape(h) for h in header) + r" \\", r"\midrule"]
-    out += [" & ".join(cells) + r" \\" for cells in lines]
-    out += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
-    return "\n".join(out) + "\n"
-
-
-def accuracy_cell(mean: float | None, std: float | None, bold: bool, latex: bool) -> str:
-    """Top-1 in % with one decimal and its std over seeds (omitted for one seed); ``-`` where there is none."""
-    if mean is None or math.isnan(mean):
-        return "-"
-    text = f"{100 * mean:.1f}"
-    if latex:
-        text = rf"\textbf{{{text}}}" if bold else text
-        return text + (rf"{{\scriptsize$\pm${100 * std:.1f}}}" if std is not None else "")
-    text = f"**{text}**" if bold else text
-    return text + (f" ± {100 * std:.1f}" if std is not None else "")
-
-
-def best_per_column(values: list[float | None], lowest: bool = False) -> list[bool]:
-    """Which entries show the highest value (``lowest``: the lowest, for errors) at the printed precision, in %, one
-    decimal (ties all bold)."""
-    shown = [round(100 * v, 1) if v is not None and not math.isnan(v) else None for v in values]
-    top = (min if lowest else max)((v for v in shown if v is not None), default=None)
-    return [v is not None and v == top for v in shown]
-
-
-# ---- reading bench outputs -----------------------------------------------------------------------------------------
 def _parse_folder(arg: str) -> tuple[str, Path]:
     label, sep, path = arg.partition("=")
     folder = Path(path if sep else arg)
@@ -98,8 +58,6 @@ def _read_results(label: str, folder: Path) -> list[dict[str, Any]]:
 
 def _row_settings(folder: Path, strategy: str) -> dict[str, Any] | None:
     """The flattened resolved config of the strategy's first finished row in ``folder``, less per-dataset keys."""
-    from lightning_transfer.bench import flat_config
-
     for path in sorted((folder / "rows").glob(f"{strategy}_seed*.json")):
         try:
             row = json.loads(path.read_text())
@@ -136,7 +94,6 @@ def seed_differences(summary: dict[str, Any]) -> list[str]:
     return notes
 
 
-# ---- the table -----------------------------------------------------------------------------------------------------
 def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Strategies x datasets: cells (mean, std, seeds), mean trainable parameters and the mean columns.
 
@@ -190,13 +147,6 @@ _MEAN_NAMES = {"natural": "Natural", "specialized": "Specialized", "structured":
                "group_mean": "mean of groups", "task_mean": "mean of tasks", "mean": "mean"}
 
 
-def millions(count: float) -> str:
-    """A parameter count in millions, positional (no exponent), at least two decimals and three significant digits:
-    85.80, 0.299, 0.00385."""
-    x = count / 1e6
-    return f"{x:.{max(2, 2 - math.floor(math.log10(x)))}f}" if x > 0 else "0"
-
-
 def _params_text(value: float | None, latex: bool) -> str:
     if value is None:
         return "-"
@@ -246,7 +196,6 @@ def write_summary(summary: dict[str, Any], out: Path, notes: list[str]) -> None:
     (out / "summary.json").write_text(json.dumps({**summary, "notes": notes}, indent=1))
 
 
-# ---- command line ----------------------------------------------------------------------------------------------------
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="python -m lightning_transfer bench summarize",
                                 description="Several bench outputs, one per dataset, in one strategies x datasets "

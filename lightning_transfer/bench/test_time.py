@@ -14,14 +14,22 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lightning_transfer.bench.config import PARSER_KWARGS, component_config, dump_config, run_args
+from lightning_transfer.bench.row import keep_checkpoints_in
+from lightning_transfer.bench.tables import (
+    accuracy_cell,
+    best_per_column,
+    latex_escape,
+    latex_table,
+    mean_of,
+    sample_std,
+)
 from lightning_transfer.registry import TEST_TIME
 
 SOURCE = "source"
 
 
 def test_time_config(name: str, config_dir: Path) -> Path:
-    from lightning_transfer.bench import component_config
-
     return component_config("test-time method", name, config_dir, "--test-time-configs", "configs/test_time/")
 
 
@@ -35,14 +43,37 @@ def check_methods(names: list[str], config_dir: Path) -> None:
             test_time_config(name, config_dir)
 
 
-def _accuracy_key(index: int, count: int) -> str:
-    return "test/acc" if count == 1 else f"test/acc/dataloader_idx_{index}"
+def jobs(methods: list[str], seeds: int, base: list[str], config_dir: Path, out: Path,
+         overrides: list[str], ckpt: str | None) -> list[dict[str, Any]]:
+    """The job specs in order: per seed, the source run (which fits when there is no checkpoint) before the methods."""
+    specs = []
+    for seed in range(1, seeds + 1):
+        source_dir = out / "runs" / f"{SOURCE}_seed{seed}"
+        source_ckpt = ckpt or str(source_dir / "source.ckpt")
+        for method in [SOURCE, *[m for m in methods if m != SOURCE]]:
+            extra = [] if method == SOURCE else [str(test_time_config(method, config_dir))]
+            # the source row is the model without any test-time method, whatever the base config sets
+            own = [*overrides, "--model.test_time=null"] if method == SOURCE else overrides
+            specs.append({"kind": "tta", "strategy": method, "seed": seed, "configs": [*base, *extra],
+                          "overrides": own, "workdir": str(out / "runs" / f"{method}_seed{seed}"),
+                          "row": str(out / "rows" / f"tta_{method}_seed{seed}.json"),
+                          "ckpt": source_ckpt if (ckpt or method != SOURCE) else None,
+                          "source": checkpoint_identity(ckpt),
+                          "fit": ckpt is None and method == SOURCE})
+    return specs
+
+
+def checkpoint_identity(path: str | None) -> str | None:
+    """A given source checkpoint as rows record it: its path, size and time, so a rerun notices another file."""
+    if path is None:
+        return None
+    stat = Path(path).stat()
+    return f"{path} ({stat.st_size} bytes, modified {stat.st_mtime_ns})"
 
 
 def run_tta(configs: list[str], overrides: list[str], seed: int, workdir: Path, ckpt: str | None,
             fit: bool) -> dict[str, Any]:
     """Test one method (its config is the last of ``configs``) on every test dataloader; fit first if ``fit``."""
-    from lightning_transfer.bench import PARSER_KWARGS, dump_config, keep_checkpoints_in, run_args
     from lightning_transfer.cli import TransferCLI
 
     cli = TransferCLI(args=run_args(configs, overrides, seed, workdir), run=False, parser_kwargs=PARSER_KWARGS)
@@ -66,10 +97,12 @@ def run_tta(configs: list[str], overrides: list[str], seed: int, workdir: Path, 
     return row
 
 
+def _accuracy_key(index: int, count: int) -> str:
+    return "test/acc" if count == 1 else f"test/acc/dataloader_idx_{index}"
+
+
 def aggregate_tta(rows: list[dict[str, Any]], methods: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
     """One line per method: error per test set and the mean, averaged over the seeds that finished."""
-    from lightning_transfer.bench import _mean, _std
-
     sets: list[str] = []
     for r in rows:
         for name in r.get("errors") or {}:
@@ -81,9 +114,9 @@ def aggregate_tta(rows: list[dict[str, Any]], methods: list[str]) -> tuple[list[
         ok = [r for r in mine if r.get("status") == "ok"]
         line: dict[str, Any] = {"method": method, "seeds": len(ok)}
         for name in sets:
-            line[name] = _mean([r["errors"].get(name) for r in ok])
-        line["mean_error"] = _mean([r["mean_error"] for r in ok])
-        line["mean_error_std"] = _std([r["mean_error"] for r in ok])
+            line[name] = mean_of([r["errors"].get(name) for r in ok])
+        line["mean_error"] = mean_of([r["mean_error"] for r in ok])
+        line["mean_error_std"] = sample_std([r["mean_error"] for r in ok])
         line["error"] = "; ".join(sorted({r["error"] for r in mine if r.get("status") == "error"})) or None
         table.append(line)
     return table, sets
@@ -111,8 +144,6 @@ def write_tta_tables(table: list[dict[str, Any]], sets: list[str], out: Path) ->
 
 def latex_tta(table: list[dict[str, Any]], sets: list[str]) -> str:
     """``results_tta.tex``: error per test set and the mean (with its std over seeds), the lowest per column bold."""
-    from lightning_transfer.bench_summary import accuracy_cell, best_per_column, latex_escape, latex_table
-
     keys = [*sets, "mean_error"]
     bold = {key: best_per_column([row.get(key) for row in table], lowest=True) for key in keys}
     lines = [[latex_escape(row["method"]), *(accuracy_cell(row.get(key), row.get("mean_error_std") if key ==
@@ -121,31 +152,3 @@ def latex_tta(table: list[dict[str, Any]], sets: list[str]) -> str:
     seeds = sorted({row["seeds"] for row in table if row.get("seeds")})
     return latex_table(["method", *sets, "mean"], lines, f"Error (%) per test set and their mean (std over "
                                                          f"{'/'.join(map(str, seeds)) or 'no'} seeds).")
-
-
-def checkpoint_identity(path: str | None) -> str | None:
-    """A given source checkpoint as rows record it: its path, size and time, so a rerun notices another file."""
-    if path is None:
-        return None
-    stat = Path(path).stat()
-    return f"{path} ({stat.st_size} bytes, modified {stat.st_mtime_ns})"
-
-
-def jobs(methods: list[str], seeds: int, base: list[str], config_dir: Path, out: Path,
-         overrides: list[str], ckpt: str | None) -> list[dict[str, Any]]:
-    """The job specs in order: per seed, the source run (which fits when there is no checkpoint) before the methods."""
-    specs = []
-    for seed in range(1, seeds + 1):
-        source_dir = out / "runs" / f"{SOURCE}_seed{seed}"
-        source_ckpt = ckpt or str(source_dir / "source.ckpt")
-        for method in [SOURCE, *[m for m in methods if m != SOURCE]]:
-            extra = [] if method == SOURCE else [str(test_time_config(method, config_dir))]
-            # the source row is the model without any test-time method, whatever the base config sets
-            own = [*overrides, "--model.test_time=null"] if method == SOURCE else overrides
-            specs.append({"kind": "tta", "strategy": method, "seed": seed, "configs": [*base, *extra],
-                          "overrides": own, "workdir": str(out / "runs" / f"{method}_seed{seed}"),
-                          "row": str(out / "rows" / f"tta_{method}_seed{seed}.json"),
-                          "ckpt": source_ckpt if (ckpt or method != SOURCE) else None,
-                          "source": checkpoint_identity(ckpt),
-                          "fit": ckpt is None and method == SOURCE})
-    return specs
