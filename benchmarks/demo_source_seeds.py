@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 
 from lightning_transfer.__main__ import main
-
 from lightning_transfer.cli import TransferCLI
 
 SOURCE, TARGET = "configs/quickstart_source.yaml", "configs/quickstart.yaml"

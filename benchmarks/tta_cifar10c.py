@@ -25,8 +25,8 @@ from lightning_transfer.backbones.cifar_resnet import CIFARResNet20
 from lightning_transfer.datamodules.corruption import CORRUPTIONS, NpzImages
 from lightning_transfer.module import TransferModule
 from lightning_transfer.strategies.linear_probe import LinearProbe
-from lightning_transfer.test_time.cafa import CAFA
 from lightning_transfer.test_time.bn_adapt import BNAdapt
+from lightning_transfer.test_time.cafa import CAFA
 from lightning_transfer.test_time.tent import Tent
 
 REPO = Path(__file__).resolve().parents[1]

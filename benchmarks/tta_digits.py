@@ -26,8 +26,8 @@ from lightning_transfer.datamodules.base import stratified_split
 from lightning_transfer.datamodules.corruption import NpzImages
 from lightning_transfer.module import TransferModule
 from lightning_transfer.strategies.full import FullFinetune
-from lightning_transfer.test_time.cafa import CAFA
 from lightning_transfer.test_time.bn_adapt import BNAdapt
+from lightning_transfer.test_time.cafa import CAFA
 from lightning_transfer.test_time.tent import Tent
 
 REPO = Path(__file__).resolve().parents[1]

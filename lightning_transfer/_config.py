@@ -51,6 +51,22 @@ def _recorded_arguments(signature: inspect.Signature, arguments: dict[str, Any],
     return recorded
 
 
+def _add_forwarded_defaults(owner: type, defined_in: type, init_args: dict[str, Any]) -> None:
+    """The defaults of the parent constructors that ``**kwargs`` forwards to, where not given: the record then equals
+    the one LightningCLI builds (jsonargparse follows ``**kwargs`` to the parents and passes every option)."""
+    mro = owner.__mro__
+    for parent in mro[mro.index(defined_in) + 1:]:
+        init = parent.__dict__.get("__init__")
+        if init is None:
+            continue
+        signature = inspect.signature(getattr(init, "__wrapped__", init))
+        for name, param in list(signature.parameters.items())[1:]:
+            if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY) and param.default is not param.empty:
+                init_args.setdefault(name, param.default)
+        if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+            return
+
+
 def build_component(value: Any, base: type) -> Any:
     """``value`` itself, or the object a ``{"class_path": ..., "init_args": {...}}`` config describes.
 
@@ -101,6 +117,8 @@ class RecordsInitArgs:
                 bound = signature.bind(self, *args, **kw)
                 bound.apply_defaults()
                 init_args = _recorded_arguments(signature, bound.arguments, type(self).__qualname__)
+                if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+                    _add_forwarded_defaults(type(self), cls, init_args)
                 # set before init so nested super().__init__ calls do not overwrite it
                 self.__dict__["_init_config"] = {"class_path": f"{type(self).__module__}.{type(self).__qualname__}"}
                 self.__dict__["_init_args_raw"] = init_args

@@ -1,4 +1,4 @@
-"""Frozen auxiliary networks: a teacher (distillation), an old model (backward compatibility), run under no_grad.
+"""Building frozen auxiliary networks: a teacher (distillation), an old model (backward compatibility).
 
 A strategy that needs one holds a :class:`FrozenNetwork` as a submodule, built in its constructor from a backbone
 config or from a fit checkpoint of this project (:func:`frozen_network`). Like the frozen backbone, its weights are
@@ -12,60 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
+from lightning_transfer.assembly import assemble
+from lightning_transfer.checkpointing import CheckpointFormat, read_checkpoint
+from lightning_transfer.frozen import FrozenNetwork
 
-class FrozenNetwork(nn.Module):
-    """A frozen network in eval mode whose forward runs under ``torch.no_grad``: a backbone (features), or a
-    backbone with a strategy and head from a fit checkpoint (logits as well).
-
-    Args:
-        backbone: the network's backbone.
-        adaptation: the strategy it was trained with (a fit checkpoint's), or None for a bare backbone.
-        head: its head, or None.
-        identity: what it was built from, for messages (a backbone identity or a checkpoint path).
-    """
-
-    def __init__(self, backbone: nn.Module, adaptation: nn.Module | None = None, head: nn.Module | None = None,
-                 identity: str = "") -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.adaptation = adaptation
-        self.head = head
-        self.source = identity or getattr(backbone, "identity", lambda: type(backbone).__name__)()
-        self.requires_grad_(False)
-        self.eval()
-
-    def identity(self) -> str:
-        return self.source
-
-    def train(self, mode: bool = True) -> FrozenNetwork:
-        return super().train(False)  # always eval: dropout off, BatchNorm statistics fixed
-
-    @property
-    def has_logits(self) -> bool:
-        """True when :meth:`forward` gives class logits (a network from a fit checkpoint), not features."""
-        return self.adaptation is not None
-
-    @torch.no_grad()
-    def forward(self, inputs: Tensor) -> Tensor:
-        """Logits (B, C) of a network with a head; else the pooled features (B, D)."""
-        if self.adaptation is None:
-            return self.backbone(inputs)
-        return self.adaptation(self.backbone, self.head, inputs)
-
-    @torch.no_grad()
-    def features(self, inputs: Tensor) -> Tensor:
-        """The features its head reads (B, D)."""
-        if self.adaptation is None:
-            return self.backbone(inputs)
-        return self.adaptation.features(self.backbone, inputs)
-
-    @torch.no_grad()
-    def hidden_states(self, inputs: Tensor) -> tuple[Tensor, ...]:
-        """``depth + 1`` hidden states of its backbone (embedding output, then each block's)."""
-        return self.backbone.forward_tokens(inputs, return_hidden_states=True).hidden_states
+__all__ = ["FrozenNetwork", "frozen_network"]
 
 
 def frozen_network(backbone: nn.Module | None = None, checkpoint: str | None = None, role: str = "teacher"
@@ -77,13 +30,30 @@ def frozen_network(backbone: nn.Module | None = None, checkpoint: str | None = N
                          f"({role}_checkpoint); got {'both' if backbone is not None else 'neither'}")
     if backbone is not None:
         return FrozenNetwork(backbone)
-    from lightning_transfer.checkpointing import load_fit_checkpoint
-    from lightning_transfer.module import TransferModule  # the module sits above the strategies that hold this
+    file = Path(str(checkpoint)).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"{role}_checkpoint {str(checkpoint)!r} does not exist: pass a .ckpt written by fit")
+    saved = read_checkpoint(file, f"{role}_checkpoint")
+    hparams = saved.get("hyper_parameters") if isinstance(saved, dict) else None
+    if not isinstance(hparams, dict) or "backbone" not in hparams or "state_dict" not in saved:
+        raise ValueError(f"{role}_checkpoint {str(file)!r} is not a checkpoint written by fit (no recorded model)")
+    parts = _Parts(*assemble(hparams["backbone"], hparams.get("adaptation"), int(hparams.get("num_classes") or 0),
+                             hparams.get("class_names"), hparams.get("head"), float(hparams.get("head_dropout", 0.0))))
+    CheckpointFormat(parts).load(parts, saved)  # every check fit's checkpoints get, and the frozen weights filled in
+    parts.load_state_dict(saved["state_dict"], strict=True)
+    identity = f"{file} ({type(parts.adaptation).__name__} on {parts.backbone.identity()})"
+    return FrozenNetwork(parts.backbone, parts.adaptation, parts.head, identity=identity)
 
-    path = str(Path(str(checkpoint)).expanduser())
-    try:
-        model: Any = load_fit_checkpoint(path, TransferModule, test_time=None)
-    except (FileNotFoundError, ValueError) as err:
-        raise type(err)(f"{role}_checkpoint: {err}") from err
-    identity = f"{path} ({type(model.adaptation).__name__} on {model.backbone.identity()})"
-    return FrozenNetwork(model.backbone, model.adaptation, model.head, identity=identity)
+
+class _Parts(nn.Module):
+    """A fit's model without the Lightning module around it: what its checkpoint's state dict is keyed by."""
+
+    test_time = None
+    backbone: Any
+    adaptation: Any
+    head: Any
+
+    def __init__(self, backbone: nn.Module, adaptation: nn.Module, head: nn.Module | None) -> None:
+        super().__init__()
+        self.backbone, self.adaptation, self.head = backbone, adaptation, head
+        self.num_classes = getattr(head, "num_classes", 0)

@@ -32,7 +32,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_transfer import distributed
 
@@ -182,7 +182,7 @@ class _Model(Protocol):
 
     backbone: Any
     adaptation: Any
-    head: nn.Module | None
+    head: Any  # nn.Module | None
     test_time: Any
     num_classes: int
 
@@ -190,10 +190,10 @@ class _Model(Protocol):
     def named_parameters(self) -> Any: ...
 
 
-def pretrained_parts(model: _Model) -> dict[str, nn.Module]:
+def pretrained_parts(model: _Model) -> dict[str, Any]:
     """The frozen pretrained networks whose weights checkpoints leave out, by state-dict prefix: the backbone and
     every frozen auxiliary network of the strategy (a teacher, an old model)."""
-    parts: dict[str, nn.Module] = {"backbone": model.backbone}
+    parts: dict[str, Any] = {"backbone": model.backbone}
     parts.update({f"adaptation.{name}": net for name, net in model.adaptation.frozen_networks().items()})
     return parts
 
@@ -310,8 +310,8 @@ class CheckpointFormat:
                 "build the model with the same backbone and model.adaptation as the run that saved it (the CLI does "
                 "this from the checkpoint's hyperparameters)")
         # then the kind of backbone (timm, hf_clip, ...): its keys differ too, but that list would not say why
-        own_kind = type(model.backbone).__name__
-        saved_kind = meta.get("backbone_class")
+        own_kind: str | None = type(model.backbone).__name__
+        saved_kind: str | None = meta.get("backbone_class")
         if saved_kind is None:  # format 1: the kind is the identity's prefix (``timm:...``)
             saved_kind, own_kind = _identity_kind(meta["backbone"]), _identity_kind(model.backbone.identity())
         if saved_kind != own_kind:

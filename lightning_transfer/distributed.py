@@ -148,26 +148,6 @@ def global_batch_statistics(layers: list[nn.Module]) -> Iterator[None]:
 
 
 
-def find_unused_parameters_from_flags(trainer: Any, adaptation: Any) -> None:
-    """Turn on DDP's ``find_unused_parameters`` when the adaptation strategy says a step may leave some of its
-    trainable parameters without a gradient (``may_have_unused_parameters``), unless the user set it.
-
-    Everything else keeps DDP's faster default (off): frozen parameters have ``requires_grad=False``, which DDP
-    skips, so they never need it. Called from :meth:`TransferModule.setup`, before Lightning wraps the model.
-    """
-    from lightning.pytorch.strategies import DDPStrategy
-
-    if not (isinstance(trainer.strategy, DDPStrategy) and type(adaptation).may_have_unused_parameters):
-        return
-    kwargs = getattr(trainer.strategy, "_ddp_kwargs", None)
-    if not isinstance(kwargs, dict):
-        raise RuntimeError(
-            f"{type(adaptation).__name__} may leave trainable parameters without a gradient in a step, so DDP must "
-            "look for unused parameters: pass trainer.strategy=ddp_find_unused_parameters_true"
-        )
-    kwargs.setdefault("find_unused_parameters", True)
-
-
 # ---- FSDP -----------------------------------------------------------------------------------------------------
 # the block classes of the backbones we wrap: timm ViT/EVA blocks, HF CLIP encoder layers, HF BERT/ViT layers
 DEFAULT_BLOCK_NAMES = ("Block", "EvaBlock", "ResidualAttentionBlock", "CLIPEncoderLayer", "BertLayer", "ViTLayer")

@@ -88,6 +88,8 @@ class FPRAtTPR(Metric):
     """False-positive rate at 95% true-positive rate of anomaly scores (label 1 = anomalous)."""
 
     full_state_update = False
+    scores: list[Tensor]
+    labels: list[Tensor]
 
     def __init__(self, tpr: float = 0.95, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -96,8 +98,8 @@ class FPRAtTPR(Metric):
         self.add_state("labels", [], dist_reduce_fx="cat")
 
     def update(self, preds: Tensor, target: Tensor) -> None:
-        self.scores.append(preds.detach().float())  # type: ignore[attr-defined]
-        self.labels.append(target.detach().long())  # type: ignore[attr-defined]
+        self.scores.append(preds.detach().float())
+        self.labels.append(target.detach().long())
 
     def compute(self) -> Tensor:
         return fpr_at_tpr(_cat(self.scores), _cat(self.labels), self.tpr)  # type: ignore[arg-type]
@@ -111,6 +113,8 @@ class RetrievalMetric(Metric):
     """
 
     full_state_update = False
+    embeddings: list[Tensor]
+    targets: list[Tensor]
 
     def __init__(self, score: str = "map", **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -119,8 +123,8 @@ class RetrievalMetric(Metric):
         self.add_state("targets", [], dist_reduce_fx="cat")
 
     def update(self, preds: Tensor, target: Tensor) -> None:
-        self.embeddings.append(preds.detach().float())  # type: ignore[attr-defined]
-        self.targets.append(target.detach().long())  # type: ignore[attr-defined]
+        self.embeddings.append(preds.detach().float())
+        self.targets.append(target.detach().long())
 
     def compute(self) -> Tensor:
         embeddings, targets = _cat(self.embeddings), _cat(self.targets)  # type: ignore[arg-type]
@@ -160,7 +164,7 @@ class Classification(Task):
     monitor = "acc"
 
     def metrics(self, num_classes: int, ece_bins: int, prefix: str) -> MetricCollection:
-        metrics: dict[str, Metric] = {
+        metrics: dict[str, Metric | MetricCollection] = {
             "loss": MeanCrossEntropy(),
             "acc": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
             "ece": MulticlassCalibrationError(num_classes, n_bins=ece_bins),

@@ -15,6 +15,7 @@ from torchmetrics import MetricCollection
 
 from lightning_transfer import distributed
 from lightning_transfer._config import build_component
+from lightning_transfer.assembly import assemble
 from lightning_transfer.backbones.base import Backbone
 from lightning_transfer.callbacks.housekeeping import AtomicCheckpoints, FreeGradientsEarly, QuietByDesign
 from lightning_transfer.checkpointing import (
@@ -24,15 +25,18 @@ from lightning_transfer.checkpointing import (
     capture_rng_states,
     restore_process_rng,
 )
-from lightning_transfer.heads import Head, LinearHead, fit_closed_form_head
+from lightning_transfer.heads import Head, fit_closed_form_head
 from lightning_transfer.metrics import TrainingSums, get_task
 from lightning_transfer.schedulers import build_optimization, check_optimizer_factory
 from lightning_transfer.strategies.base import AdaptationStrategy
-from lightning_transfer.strategies.linear_probe import LinearProbe
 from lightning_transfer.test_time.base import TestTimeAdaptation
 from lightning_transfer.test_time.session import TestTimeSession
 
 __all__ = ["CHECKPOINT_KEY", "CheckpointMismatch", "TransferModule"]
+
+def _config_of(component: Any) -> dict[str, Any] | None:
+    return component.init_config() if component is not None else None
+
 
 def _trainer_of(module: LightningModule) -> Trainer | None:
     try:
@@ -77,33 +81,21 @@ class TransferModule(LightningModule):
         ece_bins: int = 15,
     ) -> None:
         super().__init__()
-        # load_from_checkpoint passes the components as the class_path/init_args configs they were recorded as
-        backbone = build_component(backbone, Backbone)
-        adaptation = build_component(adaptation, AdaptationStrategy) or LinearProbe()
-        head = build_component(head, Head)
         if lr_scheduler_interval not in ("step", "epoch"):
             raise ValueError(f"lr_scheduler_interval must be 'step' or 'epoch', got {lr_scheduler_interval!r}: 'step' "
                              "steps the scheduler after every optimizer step, 'epoch' after every epoch")
-        if class_names is not None and num_classes and len(class_names) != num_classes:
-            raise ValueError(f"{len(class_names)} class_names given for num_classes={num_classes}; they must agree")
         self.task = get_task(task)
+        # load_from_checkpoint passes the components as the class_path/init_args configs they were recorded as
+        parts = assemble(backbone, adaptation, num_classes, class_names, head, head_dropout)
+        self.backbone, self.adaptation, self.head = parts
         # one record, whether built by the CLI or in Python: each component's class_path/init_args, **kwargs included
         self.save_hyperparameters({
-            "backbone": backbone.init_config(), "adaptation": adaptation.init_config(), "num_classes": num_classes,
-            "class_names": class_names, "head": head.init_config() if head is not None else None,
+            "backbone": self.backbone.init_config(), "adaptation": self.adaptation.init_config(),
+            "num_classes": num_classes, "class_names": class_names, "head": _config_of(parts[2] if head else None),
             "head_dropout": head_dropout, "task": task, "lr_scheduler_interval": lr_scheduler_interval,
             "ece_bins": ece_bins})
         self.num_classes = num_classes
         self.class_names = class_names
-        self.backbone = backbone
-        self.adaptation = adaptation
-        in_features = adaptation.head_in_features(backbone)
-        if in_features is not None:
-            head = head if head is not None else LinearHead(dropout=head_dropout)
-            head.build(in_features, num_classes)
-        self.head: Head | None = head if in_features is not None else None
-        adaptation.set_class_names(class_names)  # strategies that build their classifier from names (CLIP)
-        adaptation.attach(backbone, self.head)
         self.test_time = build_component(test_time, TestTimeAdaptation)
         if self.test_time is not None:
             self.test_time.check(self)  # e.g. BNAdapt on a model without BatchNorm: now, not after data and checkpoint
@@ -113,12 +105,13 @@ class TransferModule(LightningModule):
         self.lr_scheduler_interval = lr_scheduler_interval
         self.val_metrics = self.task.metrics(num_classes, ece_bins, "val/")
         # one collection per test dataloader (e.g. per corruption type), so their numbers never mix
-        self.test_metrics = nn.ModuleDict({"0": self.task.metrics(num_classes, ece_bins, "test/")})
+        self.test_metrics: dict[str, MetricCollection] = nn.ModuleDict(  # type: ignore[assignment]
+            {"0": self.task.metrics(num_classes, ece_bins, "test/")})
         self.train_sums = TrainingSums()
         self.checkpoint_format = CheckpointFormat(self)
         self.test_session = TestTimeSession()
-        # a closed-form head with nothing else to train: no optimizer, the training steps only measure
-        self.automatic_optimization = adaptation.trains_nothing or any(p.requires_grad for p in self.parameters())
+        # a closed-form head with nothing else to train: no optimizer, no training steps
+        self.automatic_optimization = self.adaptation.trains_nothing or any(p.requires_grad for p in self.parameters())
 
     @property
     def monitor(self) -> str:
@@ -157,12 +150,13 @@ class TransferModule(LightningModule):
         self.train_sums.reset(self.device)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
-        with torch.set_grad_enabled(self.automatic_optimization and torch.is_grad_enabled()):
-            step = self.adaptation.training_loss(self.backbone, self.head, batch)
+        if not self.automatic_optimization:  # a closed-form head alone: fitted at the start, nothing to step
+            return None
+        step = self.adaptation.training_loss(self.backbone, self.head, batch)
         self.train_sums.update(step)
         size = len(step.targets) if step.targets is not None else None
         self.log("train/loss_step", step.loss.detach(), on_step=True, on_epoch=False, batch_size=size)
-        return step.loss if self.automatic_optimization else None
+        return step.loss
 
     def running_train_loss(self) -> float | None:
         """Mean training loss of the epoch so far (None before its first batch). Reads the device: call it rarely."""
@@ -196,7 +190,7 @@ class TransferModule(LightningModule):
         for key in [k for k in self.test_metrics if k != "0"]:
             del self.test_metrics[key]
         self.test_metrics["0"].reset()
-        self.test_session.start(self.test_time, self, self.trainer.datamodule)
+        self.test_session.start(self.test_time, self, getattr(self.trainer, "datamodule", None))
 
     def on_test_end(self) -> None:
         self.test_session.end(self.test_time, self)
@@ -209,7 +203,7 @@ class TransferModule(LightningModule):
         outputs = None
         if self.test_time is not None:
             outputs = self.test_session.predict(self.test_time, self, batch, dataloader_idx)
-        self._evaluate(batch, batch_idx, self.test_metrics[key], f"test_metrics.{key}", outputs)  # type: ignore[arg-type]
+        self._evaluate(batch, batch_idx, self.test_metrics[key], f"test_metrics.{key}", outputs)
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         inputs = batch[0] if isinstance(batch, (list, tuple)) else batch

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 from lightning_transfer.__main__ import main
-
 from lightning_transfer.cli import TransferCLI
 from lightning_transfer.loggers import default_wandb_mode
 

@@ -11,7 +11,6 @@ import torch
 import yaml
 
 from lightning_transfer.__main__ import main
-
 from lightning_transfer.cli import TransferCLI
 from tests.conftest import REPO
 
@@ -239,7 +238,7 @@ def test_fit_with_a_strategy_that_trains_nothing_is_refused_before_the_run_start
     with pytest.raises(ValueError, match="ZeroShotCLIP trains nothing, so there is nothing to fit: run validate or "
                                          "test") as refused:
         TransferCLI(args=["fit", *_tiny_clip_config(tmp_path, "ZeroShotCLIP")])
-    assert getattr(refused.value, "lightning_transfer_before_training", False)  # the command line prints the message alone
+    assert getattr(refused.value, "lightning_transfer_before_training", False)  # the CLI prints the message alone
     assert not (tmp_path / "runs").exists(), "no run folder for a run that cannot start"
 
 

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
 from lightning_transfer import distributed
@@ -23,6 +22,7 @@ from lightning_transfer.strategies.base import AdaptationStrategy
 from lightning_transfer.test_time.cafa import CAFA, class_moments, class_statistics, statistics_from_moments
 from tests.conftest import REPO
 from tests.helpers import distributed_runs as runs
+from tests.helpers.contract_runs import CONTRACT_KEYS, contract_run
 
 
 @pytest.fixture(scope="session")
@@ -109,26 +109,42 @@ def test_two_process_ddp_test_time_adaptation_equals_one_process(index, ddp_resu
         assert reference["state"]["test_time.class_means"].numel() > 0
 
 
+@pytest.mark.parametrize("key", CONTRACT_KEYS)
+def test_the_core_contracts_run_under_ddp_as_in_one_process(key, ddp_results, one_thread, monkeypatch):
+    # two streams, a trainable discriminator, a frozen teacher, a closed-form head fitted on gathered features,
+    # the retrieval and anomaly-detection tasks' metrics gathered across processes
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")
+    reference = contract_run(key, devices=1, batch_size=2 * runs.PER_RANK_BATCH)
+    for rank in (0, 1):
+        ddp = ddp_results[rank]["contracts"][key]
+        assert set(ddp["metrics"]) == set(reference["metrics"]) and reference["metrics"], key
+        for name, value in reference["metrics"].items():
+            assert ddp["metrics"][name] == pytest.approx(value, abs=1e-5), (key, rank, name)
+        _close(ddp["params"], reference["params"], f"{key} rank {rank}")
+        if "head" in reference:
+            _close(ddp["head"], reference["head"], f"{key} closed-form head, rank {rank}")
+    if key == "anomaly_detection":
+        assert "fit on one device" in ddp_results[0]["contracts"][key]["fit_error"]
+
+
 # ---- the pieces, in one process ---------------------------------------------------------------------------------
-class _Unused(AdaptationStrategy):
+class UnusedParameters(AdaptationStrategy):
     may_have_unused_parameters = True
 
 
-class _Trainer:
-    def __init__(self, strategy: Any) -> None:
-        self.strategy = strategy
+@pytest.mark.parametrize(("strategy", "flagged", "expected"), [
+    ("ddp", True, "ddp_find_unused_parameters_true"),
+    ("ddp", False, "ddp"),  # DDP's faster default (off) for everything else
+    ("ddp_find_unused_parameters_false", True, "ddp_find_unused_parameters_false"),  # the user chose
+])
+def test_find_unused_parameters_follows_the_capability_flag_unless_the_user_chose(strategy, flagged, expected):
+    from lightning_transfer.cli import TransferCLI
 
-
-def test_find_unused_parameters_follows_the_capability_flag_unless_the_user_chose():
-    flagged, plain = _Unused(), AdaptationStrategy()
-    ddp = DDPStrategy()
-    distributed.find_unused_parameters_from_flags(_Trainer(ddp), plain)
-    assert "find_unused_parameters" not in ddp._ddp_kwargs  # DDP's default (off)
-    distributed.find_unused_parameters_from_flags(_Trainer(ddp), flagged)
-    assert ddp._ddp_kwargs["find_unused_parameters"] is True
-    chosen = DDPStrategy(find_unused_parameters=False)
-    distributed.find_unused_parameters_from_flags(_Trainer(chosen), flagged)
-    assert chosen._ddp_kwargs["find_unused_parameters"] is False
+    adaptation = f"{__name__}.UnusedParameters" if flagged else "lightning_transfer.strategies.base.AdaptationStrategy"
+    cli = TransferCLI(args=["--config", str(REPO / "configs/quickstart.yaml"), f"--model.adaptation={adaptation}",
+                            f"--trainer.strategy={strategy}", "--trainer.logger=false", "--trainer.devices=1",
+                            "--trainer.accelerator=cpu"], run=False)
+    assert cli.config.trainer.strategy == expected
 
 
 def test_global_batch_norm_is_batch_norm_over_the_whole_batch():

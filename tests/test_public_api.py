@@ -82,6 +82,11 @@ def test_no_underscore_attribute_of_lightning_or_torch_is_read_or_written():
         tree = ast.parse(path.read_text())
         framework = _framework_names(tree)
         for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in (
+                    "getattr", "setattr", "hasattr", "delattr") and len(node.args) >= 2:
+                name = node.args[1]
+                if isinstance(name, ast.Constant) and isinstance(name.value, str) and name.value in framework_private:
+                    found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.func.id} {name.value!r}")
             if not (isinstance(node, ast.Attribute) and _private(node.attr)):
                 continue
             root = node.value

@@ -237,12 +237,16 @@ class TransferDataModule(LightningDataModule):
         """Shuffled per epoch from the run's seed, split across processes, and resumable mid-epoch."""
         if "train" not in self.datasets:
             return self._loader("train", shuffle=True)  # raises the "call setup first" error
+        return self.shuffled_loader(self.datasets["train"])
+
+    def shuffled_loader(self, dataset: Dataset, seed_offset: int = 0) -> DataLoader:
+        """A training loader over ``dataset``: shuffled per epoch from the run's seed (plus ``seed_offset``, so two
+        streams of one run draw different orders), split across processes, resumable mid-epoch."""
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = EpochShuffleSampler(self.datasets["train"], num_replicas=world, rank=rank,
-                                      seed=shuffle_seed(world))
+        sampler = EpochShuffleSampler(dataset, num_replicas=world, rank=rank, seed=shuffle_seed(world) + seed_offset)
         return ResumableDataLoader(
-            self.datasets["train"], batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+            dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0, generator=torch.Generator(), collate_fn=self.collate_fn,
         )
 

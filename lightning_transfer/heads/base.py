@@ -25,6 +25,7 @@ class Head(nn.Module, RecordsInitArgs):
 
     #: fitted from the training features in one pass (:meth:`fit`) before, or instead of, gradient steps
     fits_in_closed_form: ClassVar[bool] = False
+    fitted: Tensor  # a buffer, registered only where fits_in_closed_form
 
     def __init__(self) -> None:
         super().__init__()
@@ -51,10 +52,12 @@ class Head(nn.Module, RecordsInitArgs):
 class _LabelledModel(Protocol):
     """What :func:`fit_closed_form_head` needs of a model (TransferModule has it)."""
 
-    backbone: nn.Module
+    backbone: Any
     adaptation: Any
-    head: Head | None
-    device: torch.device
+    head: Any  # Head | None
+
+    @property
+    def device(self) -> torch.device: ...
 
 
 @torch.no_grad()

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_transfer._config import RecordsInitArgs
-from lightning_transfer.auxiliary import FrozenNetwork
 from lightning_transfer.backbones.base import Backbone
+from lightning_transfer.frozen import FrozenNetwork
 from lightning_transfer.outputs import StepLoss
 from lightning_transfer.registry import STRATEGIES
 

@@ -8,7 +8,7 @@ features and logits come out of one forward pass, and the online/episodic state 
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -64,7 +64,7 @@ def use_batch_statistics(layers: list[nn.Module]) -> None:
     """
     for m in layers:
         if isinstance(m, distributed.BATCH_NORM_TYPES):
-            m.track_running_stats = False
+            m.track_running_stats = False  # type: ignore[assignment]
             m.train()
 
 
@@ -138,6 +138,8 @@ class NormAffineAdaptation(TestTimeAdaptation):
         steps: gradient steps per batch.
     """
 
+    requires: ClassVar[frozenset[str]] = frozenset({"norm_layers"})
+
     def __init__(
         self,
         episodic: bool = False,
@@ -179,10 +181,12 @@ class NormAffineAdaptation(TestTimeAdaptation):
         kind, layers = find_norm_layers(module, self.norm)
         params = affine_parameters(layers)
         if not params:
-            raise ValueError(
-                f"{type(self).__name__} found no {kind}-norm layers with affine parameters in "
-                f"{type(module.backbone).__name__}: choose norm='batch' (CNNs) or 'layer' (ViTs) to match the model"
-            )
+            kinds: tuple[NormKind, ...] = ("batch", "layer", "group")
+            others = [k for k in kinds if k != kind and affine_parameters(find_norm_layers(module, k)[1])]
+            fix = (f"choose norm={others[0]!r} to match the model" if others else
+                   "the model has no normalisation layers to adapt: use a test-time method that updates none")
+            raise ValueError(f"{type(self).__name__} found no {kind}-norm layers with affine parameters in "
+                             f"{type(module.backbone).__name__}: {fix}")
         return kind, layers, params
 
     def prepare(self, module: AdaptableModel, datamodule: Any) -> None:

@@ -21,7 +21,7 @@ class AdaptableModel(Protocol):
 
     backbone: Any  # lightning_transfer.backbones.Backbone
     adaptation: Any  # lightning_transfer.strategies.AdaptationStrategy
-    head: nn.Module | None
+    head: Any  # nn.Module | None
     num_classes: int
 
     @property
@@ -30,6 +30,8 @@ class AdaptableModel(Protocol):
     def __call__(self, inputs: Tensor) -> Tensor: ...
 
     def modules(self) -> Any: ...
+
+    def eval(self) -> Any: ...
 
 
 class TestTimeAdaptation(nn.Module, RecordsInitArgs):
@@ -45,6 +47,11 @@ class TestTimeAdaptation(nn.Module, RecordsInitArgs):
 
     #: the method takes gradient steps, so ``trainer.test`` must run with inference mode off
     needs_grad: ClassVar[bool] = True
+    #: what the method needs, each refused by :meth:`check` or :meth:`prepare` with the fix when missing:
+    #: ``batch_norm`` (BatchNorm layers), ``norm_layers`` (normalisation layers with affine parameters),
+    #: ``linear_head`` (a head reading the features, not a classifier built from class names), ``source_data``
+    #: (the datamodule's labelled training split at :meth:`prepare`, unless given another way)
+    requires: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, episodic: bool = False, reset_between_dataloaders: bool = True) -> None:
         super().__init__()

@@ -33,6 +33,7 @@ class BNAdapt(TestTimeAdaptation):
     """
 
     needs_grad: ClassVar[bool] = False
+    requires: ClassVar[frozenset[str]] = frozenset({"batch_norm"})
 
     def __init__(self, episodic: bool = False, reset_between_dataloaders: bool = True) -> None:
         super().__init__(episodic, reset_between_dataloaders)

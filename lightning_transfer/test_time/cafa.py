@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from itertools import islice
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -115,6 +115,8 @@ class CAFA(NormAffineAdaptation):
         weight_decay: weight decay.
         steps: gradient steps per batch.
     """
+
+    requires: ClassVar[frozenset[str]] = frozenset({"norm_layers", "linear_head", "source_data"})
 
     def __init__(
         self,

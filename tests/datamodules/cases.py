@@ -236,6 +236,11 @@ def _class_subset(cls: type, kwargs: Kwargs) -> TransferDataModule:
     return cls(NpzImages(**kwargs), subset="base")  # the inner datamodule takes the counts, as in a config
 
 
+def _paired(cls: type, kwargs: Kwargs) -> TransferDataModule:
+    # two draws of one tiny dataset as source and target (same classes); the counts go to both, as in a config
+    return cls(NpzImages(**kwargs), NpzImages(**{**kwargs, "seed": kwargs.get("seed", 1) + 1}))
+
+
 CASES: dict[str, Case] = {
     **{name: _coop(name) for name in ("caltech101", "dtd", "eurosat", "flowers102", "food101", "oxford_pets",
                                       "stanford_cars", "sun397", "ucf101")},
@@ -256,6 +261,7 @@ CASES: dict[str, Case] = {
     "imagenet_c": Case(_imagenet_c, lambda empty: {"corruptions": ["fog"], "severities": [1], "data_dir": str(empty)},
                        missing_stage="test"),
     "npz_images": Case(_npz, _npz_missing),
+    "paired_domains": Case(_npz, _npz_missing, build=_paired),
     "text_csv": Case(_text_csv, lambda empty: {"csv_file": str(empty / "reviews.csv")},
                      data_config=lambda: {"modality": "text", "tokenizer": tiny_bert_text_dir(), "max_length": 16}),
     "vtab": Case(_vtab, lambda empty: {"task": "dtd", "root": str(empty / "dtd")}),

@@ -41,7 +41,7 @@ def _parameters(cls: type) -> dict[str, bool]:
     """The CLI's options of ``cls`` (its own and those it forwards by ``**kwargs``), each with "required"."""
     params = {name: option.required for name, option in cli_options(cls).items()}
     for name in ("batch_size", "num_shots", "seed"):
-        assert cls.__name__ == "ClassSubset" or name in params, (
+        assert cls.__name__ in ("ClassSubset", "PairedDomains") or name in params, (
             f"{cls.__name__}: the CLI lists no {name!r}: forward the base options with super().__init__(**kwargs)")
     return params
 

@@ -44,7 +44,11 @@ def _set_up(dm: TransferDataModule, stage: str = "fit") -> TransferDataModule:
 
 
 def _inner(dm: TransferDataModule) -> TransferDataModule:
-    return getattr(dm, "data", dm)  # a wrapper (ClassSubset) caches its inner datamodule's splits
+    for attribute in ("data", "source"):  # a wrapper's inner datamodule caches them (ClassSubset, PairedDomains)
+        inner = getattr(dm, attribute, None)
+        if isinstance(inner, TransferDataModule):
+            return inner
+    return dm
 
 
 def _drop_split_cache(dm: TransferDataModule) -> None:
@@ -81,6 +85,8 @@ def test_declares_a_known_task_and_modality_and_lists_its_options(name):
     assert not undocumented, f"{name}: the CLI shows no docs for {undocumented}: document them in an Args: section"
     if name == "class_subset":  # takes its counts from the datamodule it wraps
         assert set(options) == {"data", "subset"}
+    elif name == "paired_domains":  # takes them from its source and target datamodules
+        assert set(options) == {"source", "target", "validate_on"}
     else:
         missing = BASE_OPTIONS - set(options)
         assert not missing, f"{name}: the CLI lists no {sorted(missing)}; forward them with super().__init__(**kwargs)"
@@ -95,7 +101,14 @@ def test_fit_gives_batches_of_its_modality_with_labels_in_range(name, tmp_path, 
     assert all(isinstance(n, str) and n for n in names) and len(set(names)) == len(names), names
     config = CASES[name].data_config()
     for split, loader in (("train", dm.train_dataloader()), ("val", dm.val_dataloader())):
-        x, y = next(iter(loader))
+        batch = next(iter(loader))
+        if isinstance(batch, tuple) and len(batch) == 3 and isinstance(batch[0], dict):  # a CombinedLoader's
+            batch = batch[0]
+        if isinstance(batch, dict):  # two streams: a labelled source batch and the target's inputs only
+            target = batch["target"]
+            assert torch.is_tensor(target) and tuple(target.shape[1:]) == tuple(config["input_size"]), target.shape
+            batch = batch["source"]
+        x, y = batch
         n = min(BATCH, len(dm.datasets[split]))
         assert n >= 1, f"{name}: empty {split} split"
         if dm.modality == "image":

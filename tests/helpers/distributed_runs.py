@@ -30,21 +30,17 @@ from lightning_transfer import distributed
 from lightning_transfer.checkpointing import AtomicCheckpointIO
 from lightning_transfer.datamodules import Digits
 from lightning_transfer.module import TransferModule
-from lightning_transfer.registry import STRATEGIES, TEST_TIME
+from lightning_transfer.registry import STRATEGIES
 from lightning_transfer.strategies.linear_probe import LinearProbe
+from tests.helpers import tta_methods
 from tests.helpers.models import BACKBONE_FACTORIES
 from tests.strategies.test_contract import CASES, _build
 
 PER_RANK_BATCH = 5
 NUM_SHOTS = 4  # 5 classes x 4 shots = 20 training and 20 validation images: 2 steps per epoch either way
-# test-time methods: (registry name, init args, backbone); BatchNorm ones exercise the global batch statistics
-TEST_TIME_CASES = [
-    ("bn_adapt", {}, "cnn"),
-    ("tent", {}, "cnn"),
-    ("tent", {}, "vit"),
-    ("cafa", {}, "cnn"),
-    ("cafa", {"covariance": "tied"}, "vit"),
-]
+# test-time methods: (registry name, init args over its YAML's, backbone): every registered method on every backbone
+# it claims, plus option variants; the BatchNorm ones exercise the global batch statistics
+TEST_TIME_CASES = [(name, {}, kind) for name, kind in tta_methods.CASES] + [("cafa", {"covariance": "tied"}, "vit")]
 TEST_BATCHES = 3
 
 
@@ -132,7 +128,7 @@ def fit_strategy(name: str, case: dict, kind: str, devices: int, batch_size: int
 def test_time_run(name: str, init_args: dict, kind: str, devices: int, batch_size: int) -> dict[str, Any]:
     """Test an untrained linear probe with a test-time method on ``TEST_BATCHES`` batches."""
     seed_everything(0, verbose=False)
-    method = TEST_TIME.get(name)(**init_args)
+    method = tta_methods.method_from_yaml(name, **init_args)
     module = TransferModule(BACKBONE_FACTORIES[kind](), LinearProbe(), num_classes=5, test_time=method)
     trainer = _trainer(devices, inference_mode=False, limit_test_batches=TEST_BATCHES)
     trainer.test(module, datamodule=_digits(module, batch_size), verbose=False)
@@ -152,6 +148,9 @@ def main(out_dir: str) -> None:
     for i, (name, init_args, kind) in enumerate(TEST_TIME_CASES):
         results["test_time"][f"{i}-{name}-{kind}"] = test_time_run(name, init_args, kind, devices=2,
                                                                    batch_size=PER_RANK_BATCH)
+    from tests.helpers.contract_runs import CONTRACT_KEYS, contract_run
+
+    results["contracts"] = {key: contract_run(key, devices=2, batch_size=PER_RANK_BATCH) for key in CONTRACT_KEYS}
     rank = torch.distributed.get_rank()
     results["world_size"] = torch.distributed.get_world_size()
     Path(out_dir).mkdir(parents=True, exist_ok=True)

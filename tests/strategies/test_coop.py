@@ -6,11 +6,11 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
+from lightning_transfer.base_to_new import evaluate_base_to_new, evaluate_on, harmonic_mean, with_class_names
 from lightning_transfer.datamodules import Digits
 from lightning_transfer.datamodules.class_subset import ClassSubset, base_new_split
 from lightning_transfer.module import TransferModule
 from lightning_transfer.prompts import assemble_prompts, resolve_templates
-from lightning_transfer.base_to_new import evaluate_base_to_new, evaluate_on, harmonic_mean, with_class_names
 from lightning_transfer.strategies.cocoop import CoCoOp
 from lightning_transfer.strategies.coop import CoOp
 from lightning_transfer.strategies.zeroshot_clip import ZeroShotCLIP, ensemble_text_features

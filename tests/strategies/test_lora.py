@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lightning_transfer.backbones.timm import TimmBackbone
 from lightning_transfer.__main__ import main
+from lightning_transfer.backbones.timm import TimmBackbone
 from lightning_transfer.module import TransferModule
 from lightning_transfer.strategies._peft import FusedQKV
 from lightning_transfer.strategies.full import FullFinetune

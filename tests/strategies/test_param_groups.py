@@ -7,8 +7,8 @@ import torch
 
 from lightning_transfer.backbones.base import Backbone
 from lightning_transfer.module import TransferModule
-from lightning_transfer.strategies.coop import CoOp
 from lightning_transfer.strategies.base import no_weight_decay
+from lightning_transfer.strategies.coop import CoOp
 from lightning_transfer.strategies.full import FullFinetune
 from lightning_transfer.strategies.lora import LoRA
 from lightning_transfer.strategies.vqt import VQT

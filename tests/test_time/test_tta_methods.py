@@ -13,6 +13,7 @@ from lightning_transfer.module import TransferModule
 from lightning_transfer.registry import STRATEGIES, TEST_TIME
 from lightning_transfer.strategies.full import FullFinetune
 from lightning_transfer.test_time._norm import find_norm_layers
+from lightning_transfer.test_time.bn_adapt import BNAdapt
 from lightning_transfer.test_time.cafa import (
     CAFA,
     cafa_loss,
@@ -20,7 +21,6 @@ from lightning_transfer.test_time.cafa import (
     mahalanobis_distances,
     precision_matrices,
 )
-from lightning_transfer.test_time.bn_adapt import BNAdapt
 from lightning_transfer.test_time.tent import Tent, softmax_entropy
 from tests.helpers.models import tiny_cnn, tiny_vit
 
