@@ -31,6 +31,7 @@ import lightning_transfer  # noqa: F401  (fills the registries)
 from lightning_transfer.callbacks.efficiency import EfficiencyMonitor
 from lightning_transfer.callbacks.predictions import PredictionWriter
 from lightning_transfer.callbacks.progress import ThrottledProgressBar
+from lightning_transfer.callbacks.report import FitReport
 from lightning_transfer.checkpointing import PARTIAL_PREFIX, checkpoint_run_ids, read_checkpoint
 from lightning_transfer.datamodules.base import TransferDataModule
 from lightning_transfer.module import TransferModule
@@ -253,6 +254,9 @@ class TransferCLI(LightningCLI):
         wanted = setting("enable_progress_bar") is not False and not setting("barebones")
         if wanted and not any(isinstance(cb, ProgressBar) for cb in listed):
             kwargs["callbacks"] = [*_as_list(setting("callbacks")), ThrottledProgressBar()]
+        if self.subcommand == "fit" and not any(isinstance(cb, FitReport) for cb in listed):
+            # a line per epoch and a summary at the end: a fit from the command line shows how it went
+            kwargs["callbacks"] = [*_as_list(kwargs.get("callbacks", setting("callbacks"))), FitReport()]
         if self.subcommand == "predict" and not any(isinstance(cb, BasePredictionWriter) for cb in listed):
             # predict's outputs go to files in the run folder (Lightning would only return them to the caller)
             kwargs["callbacks"] = [*_as_list(kwargs.get("callbacks", setting("callbacks"))), PredictionWriter()]

@@ -175,8 +175,8 @@ class TransferModule(LightningModule):
             # Lightning computes a logged Metric at epoch end from all of its updates (then resets it), so logging each
             # once per dataloader gives the same numbers as logging it every step, for a fraction of the cost
             for name, metric in metrics.items(keep_base=True, copy_state=False):
-                self.log(f"{metrics.prefix}{name}", metric, prog_bar=name == "loss", on_step=False, on_epoch=True,
-                         metric_attribute=f"{attribute}.{name}")
+                self.log(f"{metrics.prefix}{name}", metric, prog_bar=name in ("loss", self.task.monitor), on_step=False,
+                         on_epoch=True, metric_attribute=f"{attribute}.{name}")
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, batch_idx, self.val_metrics, "val_metrics")

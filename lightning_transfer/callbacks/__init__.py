@@ -4,6 +4,7 @@ from lightning_transfer.callbacks.efficiency import EfficiencyMonitor, SavedTens
 from lightning_transfer.callbacks.housekeeping import AtomicCheckpoints, FreeGradientsEarly
 from lightning_transfer.callbacks.predictions import PredictionWriter
 from lightning_transfer.callbacks.progress import ThrottledProgressBar
+from lightning_transfer.callbacks.report import FitReport
 
-__all__ = ["AtomicCheckpoints", "EfficiencyMonitor", "FreeGradientsEarly", "PredictionWriter", "SavedTensorsCounter",
-           "ThrottledProgressBar", "saved_bytes"]
+__all__ = ["AtomicCheckpoints", "EfficiencyMonitor", "FitReport", "FreeGradientsEarly", "PredictionWriter",
+           "SavedTensorsCounter", "ThrottledProgressBar", "saved_bytes"]
