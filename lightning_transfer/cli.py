@@ -51,9 +51,16 @@ def _class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+# LightningCLI's own --optimizer/--lr_scheduler would replace configure_optimizers and so drop the strategy's parameter
+# groups (no weight decay on norms and biases, layer decay, backbone lr scale): they mean the model's settings here
+_MODEL_FLAGS = ("--optimizer", "--lr_scheduler")
+
+
 def resolve_registry_names(argv: list[str]) -> list[str]:
-    """Let the command line name components by registry name: ``--model.adaptation=linear_probe``."""
-    out = list(argv)
+    """Let the command line name components by registry name: ``--model.adaptation=linear_probe``; ``--optimizer``
+    and ``--lr_scheduler`` set ``model.optimizer`` / ``model.lr_scheduler``, which keep the parameter groups."""
+    out = [f"--model.{arg[2:]}" if arg.startswith(_MODEL_FLAGS) and arg[len(flag):len(flag) + 1] in ("", "=", ".")
+           else arg for arg in argv for flag in [next((f for f in _MODEL_FLAGS if arg.startswith(f)), "")]]
     for i, arg in enumerate(out):
         for key, registry in _COMPONENT_KEYS.items():
             flag = f"--{key}"
@@ -192,6 +199,7 @@ class TransferCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"save_to_log_dir": False})
         kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"})
         kwargs.setdefault("parser_class", TransferArgumentParser)
+        kwargs.setdefault("auto_configure_optimizers", False)  # model.optimizer keeps the parameter groups
         if args is None:  # the real command line: rewrite it in place (passing it as args too makes Lightning warn)
             sys.argv[1:] = resolve_registry_names(sys.argv[1:])
         else:

@@ -316,3 +316,23 @@ def test_a_run_without_a_logger_saves_its_config_and_never_over_an_earlier_one(t
     rerun = TransferCLI(args=["fit", "--config", str(root / "config-1.yaml"), "--trainer.limit_train_batches=1"])
     assert rerun.trainer.state.finished and rerun.trainer.max_epochs == 2  # the saved config runs as is
     assert yaml.safe_load((root / "config-2.yaml").read_text())["trainer"]["limit_train_batches"] == 1
+
+
+@pytest.mark.parametrize("flags", [["--optimizer=SGD", "--optimizer.lr=0.1"], ["--optimizer", "SGD", "--optimizer.lr",
+                                                                              "0.1"]])
+def test_the_optimizer_flag_keeps_the_strategys_parameter_groups(flags):
+    # LightningCLI's own --optimizer would replace configure_optimizers with one group of model.parameters()
+    cli = TransferCLI(args=["--config", QUICK, *flags, "--trainer.logger=false", "--model.optimizer.weight_decay=0.05"],
+                      run=False)
+    optimizer = cli.model.configure_optimizers()
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    assert isinstance(optimizer, torch.optim.SGD) and len(optimizer.param_groups) >= 2
+    assert {g["weight_decay"] for g in optimizer.param_groups} == {0.0, 0.05}  # norms and biases undecayed
+    assert all(g["lr"] == pytest.approx(0.1 * g.get("lr_scale", 1.0)) for g in optimizer.param_groups)
+
+
+def test_a_top_level_optimizer_in_a_config_is_not_silently_applied(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("optimizer:\n  class_path: torch.optim.SGD\n  init_args: {lr: 0.1}\n")
+    with pytest.raises(SystemExit):
+        TransferCLI(args=["--config", QUICK, "--config", str(config), "--trainer.logger=false"], run=False)

@@ -32,8 +32,10 @@ class CSVImages(FileListDataModule):
 
     Paths are relative to ``image_root`` (default: the CSV file's folder) unless absolute. Labels are class indices
     (``0..n-1``) or class names: with ``class_names`` given, a name is looked up in it; without, names are sorted
-    into the classes, and integer labels give classes ``"0"`` to the largest label (a negative one such as ``-1``
-    fails the range check, naming the image); a file mixing integer labels and names is an error. The split column
+    into the classes, and integer labels give classes ``"0"`` to the largest label, which must leave no class without
+    an image unless ``num_classes`` says so (one stray ``7`` in a 0-2 file is refused, naming its row, rather than
+    making an 8-class head); an index outside the classes fails naming the file and row; a file mixing integer labels
+    and names is an error. The split column
     holds ``train``, ``val`` or ``test``; rows without one are training rows. Without validation rows
     ``val_fraction`` of every training class is held out; without test rows the validation set is the test set.
 
@@ -41,6 +43,8 @@ class CSVImages(FileListDataModule):
         csv_file: the CSV file.
         image_root: folder the relative image paths start from; default the CSV file's folder.
         class_names: the classes in label order (default: from the labels, see above).
+        num_classes: the number of classes of integer labels (default: the largest label + 1, with every class
+            present); labels must be below it.
         **kwargs: see :class:`~lightning_transfer.datamodules.files.FileListDataModule` (augment, cache_images,
             val_fraction: held out when the file has no validation rows; batch_size, num_shots, seed, ...).
     """
@@ -50,9 +54,15 @@ class CSVImages(FileListDataModule):
         csv_file: str,
         image_root: str | None = None,
         class_names: list[str] | None = None,
+        num_classes: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if num_classes is not None and (num_classes < 1 or (class_names is not None
+                                                            and len(class_names) != num_classes)):
+            raise ValueError(f"num_classes={num_classes} must be >= 1 and agree with the {len(class_names or [])} "
+                             "class_names given: pass one of them")
+        self.given_num_classes = num_classes
         self.csv_file = Path(csv_file).expanduser()
         self.root = Path(image_root).expanduser() if image_root else self.csv_file.parent
         self._class_names = list(class_names) if class_names is not None else None
@@ -101,16 +111,34 @@ class CSVImages(FileListDataModule):
                                  f"class names (line {names[0][0]}: {names[0][1]!r}): use one kind in every row, or "
                                  "pass data.init_args.class_names")
             if indices:
-                self._class_names = [str(i) for i in range(max(int(label) for _, label in indices) + 1)]
+                self._class_names = [str(i) for i in range(self._index_class_count(indices))]
             else:
                 self._class_names = sorted({label for _, label in names})
         return list(self._class_names)
+
+    def _index_class_count(self, indices: list[tuple[int, str]]) -> int:
+        """Classes of integer labels: ``num_classes``, else the largest label + 1 if no class in between is empty."""
+        if self.given_num_classes is not None:
+            return self.given_num_classes
+        line, top = max(((n, int(label)) for n, label in indices), key=lambda item: item[1])
+        empty = sorted(set(range(top + 1)) - {int(label) for _, label in indices})
+        if empty:
+            shown = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
+            raise ValueError(f"{self.csv_file}:{line}: label {top} makes {top + 1} classes, but class(es) {shown} "
+                             f"have no image: fix that row, or pass data.init_args.num_classes={top + 1} (or "
+                             "class_names) if those classes really are empty")
+        return top + 1
 
     def _label(self, number: int, label: str, index: dict[str, int]) -> int:
         if label in index:
             return index[label]
         if INDEX.fullmatch(label):
-            return int(label)  # an index: the base checks the range and names the file
+            count = len(index) or len(self.class_names)
+            if int(label) >= count:
+                raise ValueError(f"{self.csv_file}:{number}: label {label} is outside the {count} classes "
+                                 f"(0..{count - 1}): fix the row, or pass data.init_args.num_classes / class_names "
+                                 "for the classes the file really has")
+            return int(label)
         raise ValueError(f"{self.csv_file}:{number}: label {label!r} is not a class name ({len(index)} classes: "
                          f"{', '.join(list(index)[:10])}{', ...' if len(index) > 10 else ''}) nor an index")
 

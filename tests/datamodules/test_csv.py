@@ -65,12 +65,28 @@ def test_errors_name_the_line_or_the_file(tmp_path):
         with pytest.raises(ValueError, match=message):
             CSVImages(csv_file=str(tmp_path / "bad.csv"), class_names=["cat", "dog"], data_config=CFG).setup()
     (tmp_path / "range.csv").write_text(f"{paths[0]},0\n{paths[1]},1\n{paths[2]},5,test\n")
-    with pytest.raises(ValueError, match=r"label 5 of .*img/2\.png.* outside the 2 classes"):
+    with pytest.raises(ValueError, match=r"range\.csv:3: label 5 is outside the 2 classes \(0\.\.1\)"):
         CSVImages(csv_file=str(tmp_path / "range.csv"), class_names=["cat", "dog"], data_config=CFG).setup()
     (tmp_path / "img" / "3.png").write_bytes(b"not a png")
     (tmp_path / "broken.csv").write_text("".join(f"{p},{i % 2}\n" for i, p in enumerate(paths)))
     with pytest.raises(RuntimeError, match=r"cannot read image .*img/3\.png"):
         CSVImages(csv_file=str(tmp_path / "broken.csv"), data_config=CFG, cache_images=True).setup()
+
+
+def test_one_stray_index_does_not_silently_add_classes(tmp_path):
+    paths = write_images(tmp_path / "img", 7)
+    labels = ["0", "1", "2", "0", "7", "1", "2"]  # a 3-class file with one typo
+    (tmp_path / "stray.csv").write_text("".join(f"{p},{y}\n" for p, y in zip(paths, labels)))
+    with pytest.raises(ValueError, match=r"stray\.csv:5: label 7 makes 8 classes, but class\(es\) 3, 4, 5, 6 have no "
+                                         r"image.*num_classes=8"):
+        CSVImages(csv_file=str(tmp_path / "stray.csv"), data_config=CFG).setup()
+    with pytest.raises(ValueError, match=r"stray\.csv:5: label 7 is outside the 3 classes"):
+        CSVImages(csv_file=str(tmp_path / "stray.csv"), num_classes=3, data_config=CFG).setup()
+    wide = CSVImages(csv_file=str(tmp_path / "stray.csv"), num_classes=8, data_config=CFG)  # said on purpose
+    wide.setup()
+    assert wide.num_classes == 8
+    with pytest.raises(ValueError, match="num_classes=2 must be >= 1 and agree with the 3 class_names"):
+        CSVImages(csv_file="x.csv", num_classes=2, class_names=["a", "b", "c"])
 
 
 def test_negative_index_typo_is_rejected_not_read_as_a_name(tmp_path):
