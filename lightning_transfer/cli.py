@@ -59,8 +59,7 @@ _MODEL_FLAGS = ("--optimizer", "--lr_scheduler")
 def resolve_registry_names(argv: list[str]) -> list[str]:
     """Let the command line name components by registry name: ``--model.adaptation=linear_probe``; ``--optimizer``
     and ``--lr_scheduler`` set ``model.optimizer`` / ``model.lr_scheduler``, which keep the parameter groups."""
-    out = [f"--model.{arg[2:]}" if arg.startswith(_MODEL_FLAGS) and arg[len(flag):len(flag) + 1] in ("", "=", ".")
-           else arg for arg in argv for flag in [next((f for f in _MODEL_FLAGS if arg.startswith(f)), "")]]
+    out = [f"--model.{arg[2:]}" if arg.split("=", 1)[0].split(".", 1)[0] in _MODEL_FLAGS else arg for arg in argv]
     for i, arg in enumerate(out):
         for key, registry in _COMPONENT_KEYS.items():
             flag = f"--{key}"
